@@ -85,6 +85,35 @@ class Registry(Generic[T]):
         except KeyError:
             raise KeyError(unknown_name_message(self.kind, name, self.names())) from None
 
+    def build(self, name: str, /, **params: Any) -> Any:
+        """Look ``name`` up, check ``params`` against its signature, and call it.
+
+        The one way to construct a registered component from a config: an unknown name
+        raises ``KeyError`` with the closest match, an unknown parameter ``TypeError`` with
+        the valid ones, and a missing required one ``TypeError`` naming it.
+
+        Examples
+        --------
+        >>> reg: Registry[Callable[..., int]] = Registry("thing")
+        >>> _ = reg.register("add")(lambda *, a, b=1: a + b)
+        >>> reg.build("add", a=2)
+        3
+        >>> reg.build("add", c=1)
+        Traceback (most recent call last):
+        ...
+        TypeError: thing 'add' got unknown parameter(s) 'c'; valid parameters: a, b
+        """
+        factory: Any = self.get(name)
+        check_params(self.kind, name, factory, params)
+        missing = _missing_params(factory, params)
+        if missing:
+            valid = ", ".join(inspect.signature(factory).parameters)
+            raise TypeError(
+                f"{self.kind} {name!r} needs parameter(s) {', '.join(map(repr, missing))}; "
+                f"valid parameters: {valid}"
+            )
+        return factory(**params)
+
     def names(self) -> list[str]:
         """Sorted list of registered names."""
         return sorted(self._items)
@@ -131,6 +160,20 @@ def check_params(kind: str, name: str, factory: Callable[..., Any],
             f"{kind} {name!r} got unknown parameter(s) {hints}; "
             f"valid parameters: {', '.join(valid) or '(none)'}"
         )
+
+
+def _missing_params(factory: Callable[..., Any], params: Mapping[str, Any]) -> list[str]:
+    """Required keyword parameters of ``factory`` that ``params`` does not give."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):  # builtins without a signature
+        return []
+    return [
+        p.name for p in sig.parameters.values()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        and p.name not in params
+    ]
 
 
 def derive_seed(root: int, *labels: int | str) -> int:

@@ -6,8 +6,8 @@ what a malicious client does is in ``malicious.py`` and ``poisoning.py``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,9 +15,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import Tensor, nn
 
-from aggregation.registry import config_value, derive_seed, make_generator, parse_params
+from aggregation.registry import derive_seed, make_generator
+from runconfig.config import RunConfig, Scalar
 
-from .dp import local_dp_update
+from .local_dp import local_dp_update
 from .malicious import (
     DATA_ATTACKS,
     MaliciousRole,
@@ -29,88 +30,40 @@ from .malicious import (
 from .task import load_task
 from .train import TrainSettings, local_train, resolve_device
 
-__all__ = ["ClientConfig", "app", "handle_evaluate", "handle_train"]
+__all__ = [
+    "app", "client_role", "handle_evaluate", "handle_train", "parse_run_config", "train_settings",
+]
 
 app = ClientApp()
 
-Scalar = bool | int | float | str
+
+@functools.lru_cache(maxsize=8)
+def _parse(items: tuple[tuple[str, Scalar], ...]) -> RunConfig:
+    return RunConfig.from_flat(dict(items))
 
 
-DP_SGD_KEYS = (
-    "noise_multiplier", "max_grad_norm", "delta", "target_epsilon", "max_epsilon", "accountant",
-)
-LOCAL_DP_KEYS = ("clipping_norm", "noise_std", "epsilon", "delta", "method")
-ADVERSARIAL_KEYS = ("eps", "alpha", "steps")
+def parse_run_config(run_config: Mapping[str, Scalar]) -> RunConfig:
+    """The node's run config, parsed once per process (every message carries the same one)."""
+    return _parse(tuple(sorted(run_config.items())))
 
 
-def _params(cfg: Mapping[str, Scalar], key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
-    params = parse_params(config_value(cfg, key, str), what=key)
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise TypeError(f"{key} got unknown parameter(s) {unknown}; valid: {', '.join(allowed)}")
-    return params
+def train_settings(cfg: RunConfig) -> TrainSettings:
+    """Local training's hyperparameters from the run config."""
+    return TrainSettings(
+        epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate,
+        optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    )
 
 
-@dataclass(frozen=True)
-class ClientConfig:
-    """The run-config keys a client reads (see ``[tool.flwr.app.config]``)."""
-
-    seed: int
-    settings: TrainSettings
-    device: str
-    num_malicious: int
-    attack: str
-    attack_params: Mapping[str, Any]
-    attack_start_round: int
-    num_rounds: int = 1
-    dp_sgd: Mapping[str, Any] = field(default_factory=dict)
-    local_dp: Mapping[str, Any] = field(default_factory=dict)
-    adversarial: Mapping[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_run_config(cls, cfg: Mapping[str, Scalar]) -> ClientConfig:
-        """Parse and validate the client's keys of a flat run config."""
-        return cls(
-            seed=config_value(cfg, "seed", int),
-            settings=TrainSettings(
-                epochs=config_value(cfg, "local-epochs", int),
-                batch_size=config_value(cfg, "batch-size", int),
-                lr=config_value(cfg, "learning-rate", float),
-                optimizer=config_value(cfg, "optimizer", str),
-                momentum=config_value(cfg, "momentum", float),
-                weight_decay=config_value(cfg, "weight-decay", float),
-            ),
-            device=config_value(cfg, "device", str),
-            num_malicious=config_value(cfg, "num-malicious", int),
-            attack=config_value(cfg, "attack", str),
-            attack_params=parse_params(
-                config_value(cfg, "attack-params", str), what="attack-params"
-            ),
-            attack_start_round=config_value(cfg, "attack-start-round", int),
-            num_rounds=config_value(cfg, "num-server-rounds", int),
-            dp_sgd=_params(cfg, "dp-sgd", DP_SGD_KEYS),
-            local_dp=_params(cfg, "local-dp", LOCAL_DP_KEYS),
-            adversarial=_params(cfg, "adversarial-training", ADVERSARIAL_KEYS),
-        )
-
-    def __post_init__(self) -> None:
-        if self.local_dp:
-            if "clipping_norm" not in self.local_dp:
-                raise ValueError("local-dp needs clipping_norm, e.g. \"clipping_norm=1.0, epsilon=2.0, delta=1e-5\"")
-            if ("noise_std" in self.local_dp) == ("epsilon" in self.local_dp):
-                raise ValueError("local-dp needs exactly one of noise_std or epsilon (with delta)")
-        if self.dp_sgd and ("noise_multiplier" in self.dp_sgd) == ("target_epsilon" in self.dp_sgd):
-            raise ValueError("dp-sgd needs exactly one of noise_multiplier or target_epsilon")
-
-    def role(self, node_config: Mapping[str, Scalar]) -> MaliciousRole:
-        """This node's role: malicious when its partition id is in the seeded set."""
-        if self.num_malicious == 0 or "partition-id" not in node_config:
-            return MaliciousRole()
-        pid = int(node_config["partition-id"])
-        num = int(node_config["num-partitions"])
-        if pid in malicious_partitions(num, self.num_malicious, self.seed):
-            return MaliciousRole(self.attack, self.attack_params, self.attack_start_round)
+def client_role(cfg: RunConfig, node_config: Mapping[str, Scalar]) -> MaliciousRole:
+    """This node's role: malicious when its partition id is in the run's malicious set."""
+    if cfg.num_malicious == 0 or "partition-id" not in node_config:
         return MaliciousRole()
+    pid = int(node_config["partition-id"])
+    num = int(node_config["num-partitions"])
+    if pid in malicious_partitions(num, cfg.num_malicious, cfg.seed):
+        return MaliciousRole(cfg.attack.name, cfg.attack.params, cfg.attack_start_round)
+    return MaliciousRole()
 
 
 def _load_weights(model: nn.Module, record: ArrayRecord) -> None:
@@ -128,7 +81,8 @@ def _partition_id(node_config: Mapping[str, Scalar]) -> int:
 
 def handle_train(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's data and reply with the new weights."""
-    cfg = ClientConfig.from_run_config(context.run_config)
+    cfg = parse_run_config(context.run_config)
+    settings = train_settings(cfg)
     server_round = int(msg.content["config"]["server-round"])
     task = load_task(context.run_config)
     model = task.build_model()
@@ -136,7 +90,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     global_state = _state_on_cpu(model)
     x, y = task.train_data(context.node_config)
     pid = _partition_id(context.node_config)
-    role = cfg.role(context.node_config)
+    role = client_role(cfg, context.node_config)
     device = resolve_device(cfg.device)
     attacking = role.active(server_round)
     if attacking and role.attack in DATA_ATTACKS:
@@ -154,22 +108,22 @@ def handle_train(msg: Message, context: Context) -> Message:
         )
     gen = make_generator(derive_seed(cfg.seed, "train", pid, "round", server_round))
     loss_fn = None
-    if cfg.adversarial:
-        loss_fn = _pgd_loss(cfg.adversarial, make_generator(
+    if cfg.adversarial_training:
+        loss_fn = _pgd_loss(cfg.adversarial_training, make_generator(
             derive_seed(cfg.seed, "pgd", pid, "round", server_round)))
     extra: dict[str, float] = {}
     if cfg.dp_sgd:
         train_loss, extra["dp-epsilon"] = _train_dp_sgd(
-            model, x, y, cfg, context, device=device, generator=gen, loss_fn=loss_fn
+            model, x, y, cfg, settings, context, device=device, generator=gen, loss_fn=loss_fn
         )
     else:
         train_loss = local_train(
-            model, x, y, cfg.settings, device=device, generator=gen, loss_fn=loss_fn
+            model, x, y, settings, device=device, generator=gen, loss_fn=loss_fn
         )["train-loss"]
     new_state = _state_on_cpu(model)
     keys = [k for k, v in new_state.items() if v.is_floating_point()]
-    delta = torch.cat([(new_state[k] - global_state[k]).reshape(-1) for k in keys])
-    sent = delta
+    update = torch.cat([(new_state[k] - global_state[k]).reshape(-1) for k in keys])
+    sent = update
     if attacking:
         attack_gen = make_generator(derive_seed(cfg.seed, "attack", pid, "round", server_round))
         sent = role.poison_update(sent, server_round, generator=attack_gen)
@@ -180,7 +134,7 @@ def handle_train(msg: Message, context: Context) -> Message:
             sent, float(p.pop("clipping_norm")), **p,
             generator=make_generator(derive_seed(cfg.seed, "local-dp", pid, "round", server_round)),
         )
-    if sent is not delta:
+    if sent is not update:
         for k, part in zip(keys, torch.split(sent, [new_state[k].numel() for k in keys]), strict=True):
             new_state[k] = global_state[k] + part.reshape(new_state[k].shape)
     metrics: dict[str, float | int] = {
@@ -210,11 +164,14 @@ def _pgd_loss(params: Mapping[str, Any], generator: torch.Generator) -> Any:
 
 
 def _train_dp_sgd(
-    model: nn.Module, x: Tensor, y: Tensor, cfg: ClientConfig, context: Context, *,
+    model: nn.Module, x: Tensor, y: Tensor, cfg: RunConfig, settings: TrainSettings,
+    context: Context, *,
     device: torch.device, generator: torch.Generator, loss_fn: Any,
 ) -> tuple[float, float]:
     """Sample-level DP-SGD (Opacus); the accountant history persists in ``context.state``."""
-    from .dp import dp_sgd_train, history_from_json
+    from privacy import history_from_json
+
+    from .dp_sgd import dp_sgd_train
 
     p = dict(cfg.dp_sgd)
     history = (
@@ -222,12 +179,12 @@ def _train_dp_sgd(
         if "dp-sgd" in context.state else []
     )
     model.to(device)
-    optimizer = cfg.settings.make_optimizer(model.parameters())
+    optimizer = settings.make_optimizer(model.parameters())
     res = dp_sgd_train(
         model, optimizer, x, y,
-        batch_size=cfg.settings.batch_size,
+        batch_size=settings.batch_size,
         max_grad_norm=float(p.get("max_grad_norm", 1.0)),
-        epochs=cfg.settings.epochs,
+        epochs=settings.epochs,
         delta=float(p.get("delta", 1e-5)),
         generator=generator,
         noise_multiplier=None if "noise_multiplier" not in p else float(p["noise_multiplier"]),
@@ -244,7 +201,7 @@ def _train_dp_sgd(
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this node's data (federated evaluation)."""
-    cfg = ClientConfig.from_run_config(context.run_config)
+    cfg = parse_run_config(context.run_config)
     task = load_task(context.run_config)
     model = task.build_model()
     _load_weights(model, msg.content["arrays"])

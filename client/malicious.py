@@ -8,6 +8,8 @@ trains honestly and the adversary replaces its update on the server side.
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +18,8 @@ import torch
 from torch import Tensor
 
 from aggregation.registry import derive_seed, make_generator
+
+from .poisoning import DATA_ATTACKS
 
 __all__ = [
     "DATA_ATTACKS",
@@ -29,15 +33,14 @@ __all__ = [
     "reported_examples",
 ]
 
-# Attacks a client mounts on its own data or its reported example count.
-DATA_ATTACKS = ("label_flip", "backdoor", "dba", "inflate_examples")
 
-
+@functools.lru_cache(maxsize=64)
 def malicious_partitions(num_partitions: int, num_malicious: int, seed: int) -> frozenset[int]:
     """The partition ids that are malicious: a seeded uniform choice of ``num_malicious``.
 
     Every process (server, each client, the simulation engine) computes the same set from
-    the run config, so ground truth needs no extra channel.
+    the run config, so ground truth needs no extra channel; within a process it is computed
+    once per run (cached) and every caller reads that one set.
 
     Raises
     ------
@@ -102,29 +105,17 @@ class MaliciousRole:
         return attack(delta, generator=generator)
 
 
-# Parameters each data attack accepts in attack-params, with defaults.
-_DATA_PARAMS: dict[str, dict[str, Any]] = {
-    "label_flip": {"mode": "reverse", "target": 0},
-    "backdoor": {"target": 0, "fraction": 0.5, "size": 2, "pattern": "square", "boost": 1.0},
-    "dba": {"target": 0, "fraction": 0.5, "size": 2, "pattern": "square", "boost": 1.0,
-            "parts": 4},
-    "inflate_examples": {"factor": 100.0},
-}
-
-
 def data_attack_params(attack: str, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Defaults of a data attack overridden by ``params``; unknown keys raise ``TypeError``."""
-    from aggregation.registry import unknown_name_message
+    """The parameters of the data attack ``attack``: its defaults overridden by ``params``.
 
-    if attack not in _DATA_PARAMS:
-        raise KeyError(unknown_name_message("data attack", attack, list(DATA_ATTACKS)))
-    valid = _DATA_PARAMS[attack]
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise TypeError(
-            f"attack {attack!r} got unknown parameter(s) {unknown}; valid: {', '.join(valid)}"
-        )
-    return {**valid, **params}
+    Raises
+    ------
+    KeyError
+        Unknown data attack (the message lists the valid ones and a close match).
+    TypeError
+        A parameter the attack does not take.
+    """
+    return dict(DATA_ATTACKS.build(attack, **params).params)
 
 
 def backdoor_trigger(params: Mapping[str, Any]) -> Any:

@@ -1,144 +1,129 @@
-"""Central DP in the server: DP-FedAvg as an aggregator, and the run's privacy accountant.
+"""Central DP as a round component: budget check, clipping and noise, booking.
 
 The guarantee: client-level (epsilon, delta)-DP of the sequence of global models, for the
-unweighted mean of clipped deltas with Gaussian noise ``N(0, (z C / m)^2)`` [McMahan et
+unweighted mean of clipped updates with Gaussian noise ``N(0, (z C / m)^2)`` [McMahan et
 al., 2018], amplified by sampling only when clients are Poisson-sampled (``sampling =
 "poisson"``, rate ``q = m / N``). Robust rules are refused with central DP
-(:func:`server.dp.check_rule_compatible` explains why). The accountant is Opacus's
-(RDP or PRV), fed one event per round; a round is booked even when few clients reply,
+(:func:`server.dp.check_rule_compatible` explains why). The accountant is Opacus's, fed one
+event per released round; a round is released (and booked) however many clients reply,
 since skipping depending on who replied would itself leak.
+
+The component acts at four stages:
+
+- ``configure``: the sampling the accounting assumes, and no minimum number of replies;
+- ``admit``: a round whose node count does not fit the calibration is not released, and
+  the run stops before a round that would take epsilon past ``max_epsilon``;
+- ``aggregate`` (it owns aggregation): DP-FedAvg, clip, sum, add noise, divide by ``m``;
+- ``record``: the released round is booked; the row shows epsilon and delta.
+
+Its state (the clipping norm, which adaptive clipping moves, and the accountant's
+history) is a plain dict, checkpointed with every other component's.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from aggregation import AggregationResult
+from privacy.accounting import PrivacyAccountant
 
-from .dp import (
-    CentralDPConfig,
-    CentralDPState,
-    DPFedAvg,
-    PrivacyAccountant,
-    check_rule_compatible,
-)
+from .dp import CentralDPConfig, CentralDPState, DPFedAvg, check_rule_compatible
+from .stages import Component, Plan, Round, Verdict
 
-__all__ = ["CentralDP", "DPMeanAggregator", "PrivacyBudgetExhausted"]
+__all__ = ["CentralDP"]
 
 log = logging.getLogger("fedshield.server")
 
-
-class PrivacyBudgetExhausted(RuntimeError):
-    """The next round would take epsilon past the configured ``max_epsilon``."""
+_SAMPLING = {"poisson": "poisson", "fixed": "fixed", "none": "all"}
 
 
-class DPMeanAggregator:
-    """DP-FedAvg (clip, unweighted sum, Gaussian noise, divide by m) as a stateful rule.
+class CentralDP(Component):
+    """DP-FedAvg with a privacy accountant, as a component (see the module docstring)."""
 
-    The state is the :class:`server.dp.CentralDPState` (the clipping norm, which adaptive
-    clipping moves). Weights are ignored: the calibration is for the unweighted mean.
-    """
+    name = "central-dp"
+    owns_aggregation = True
 
-    name = "dp_fedavg"
-    stateful = True
+    def __init__(self, config: CentralDPConfig, clients_per_round: int) -> None:
+        self.config = config
+        self.mechanism = DPFedAvg(config, clients_per_round)
 
-    def __init__(self, dp: DPFedAvg) -> None:
-        self.dp = dp
+    @classmethod
+    def from_params(
+        cls, params: Mapping[str, Any], *, rule: str, clients_per_round: int
+    ) -> CentralDP:
+        """Build from the ``central-dp`` run-config parameters, refusing what is unsound."""
+        config = CentralDPConfig.from_dict(params)
+        check_rule_compatible(rule, pre=[])
+        return cls(config, clients_per_round)
 
-    def init_state(self, d: int, *, dtype: torch.dtype, device: torch.device | str) -> object:
-        return self.dp.init()
+    def init_state(self) -> dict[str, Any]:
+        return {
+            "mechanism": self.mechanism.init().to_dict(),
+            "accountant": PrivacyAccountant(self.config.accountant).to_dict(),
+        }
 
-    def __call__(
-        self,
-        updates: Tensor,
-        weights: Tensor | None = None,
-        *,
-        state: object | None = None,
-        generator: torch.Generator | None = None,
-    ) -> AggregationResult:
-        if generator is None:
-            raise ValueError("dp_fedavg needs a torch.Generator for its noise")
-        if state is not None and not isinstance(state, CentralDPState):
-            raise TypeError(f"dp_fedavg state must be a CentralDPState, got {type(state).__name__}")
-        st = state if state is not None else self.dp.init()
-        result, new_state = self.dp.apply(st, updates, generator=generator)
+    def configure(self, plan: Plan) -> Plan:
+        if plan.min_clients:
+            log.info("central DP: min-clients=%d is not used: a DP round is released (and "
+                     "booked) however many clients reply", plan.min_clients)
+        log.info("central DP: %s", self.config)
+        return replace(plan, sampling=_SAMPLING[self.config.sampling], min_clients=0)
+
+    def check_nodes(self, num_nodes: int) -> None:
+        """Raise ``ValueError`` when ``num_nodes`` does not fit the calibration (N < m, or
+        m != N with ``sampling="none"``): such a round must not be released."""
+        self.mechanism.accounting_event(num_nodes)
+
+    def admit(self, rnd: Round, state: dict[str, Any]) -> tuple[Verdict | None, dict[str, Any]]:
+        # the checks use the N that is sampled from and booked, after the node wait
+        num_nodes = len(rnd.nodes)
+        try:
+            z, q = self.mechanism.accounting_event(num_nodes)
+        except ValueError as exc:  # too few nodes for the DP calibration: no release
+            return Verdict("skip", f"central DP round not released: {exc}"), state
+        cap = self.config.max_epsilon
+        accountant = PrivacyAccountant.from_dict(state["accountant"])
+        if cap is not None and accountant.would_exceed(z, q, self.config.delta, cap):
+            return Verdict("stop", (
+                f"one more round (z={z}, q={q:.4g}) would take epsilon past max_epsilon="
+                f"{cap} at delta={self.config.delta} (now "
+                f"{accountant.epsilon(self.config.delta):.4g}); training stops and the last "
+                "model is kept"
+            )), state
+        return None, state
+
+    def aggregate(
+        self, rnd: Round, updates: Tensor, weights: Tensor, generator: torch.Generator,
+        state: dict[str, Any],
+    ) -> tuple[AggregationResult, dict[str, Any]]:
+        """DP-FedAvg on the ``(n, d)`` updates; weights are ignored (the calibration is for
+        the unweighted mean)."""
+        result, mech = self.mechanism.apply(
+            CentralDPState.from_dict(state["mechanism"]), updates, generator=generator
+        )
         kept = torch.arange(updates.shape[0], device=updates.device)
         info = {
             "clipping-norm": torch.tensor(result.clipping_norm),
             "noise-std": torch.tensor(result.noise_std),
             "num-clipped": torch.tensor(result.num_clipped),
         }
-        return AggregationResult(result.update, kept, new_state, info)
+        return AggregationResult(result.update, kept, None, info), {
+            **state, "mechanism": mech.to_dict()}
 
-
-@dataclass
-class CentralDP:
-    """Everything central DP needs across rounds: mechanism, accountant, limits."""
-
-    config: CentralDPConfig
-    mechanism: DPFedAvg
-    accountant: PrivacyAccountant
-
-    @classmethod
-    def from_params(
-        cls,
-        params: Mapping[str, Any],
-        *,
-        rule: str,
-        pre: list[str],
-        clients_per_round: int,
-    ) -> CentralDP:
-        """Build from the ``central-dp`` run-config parameters, refusing what is unsound."""
-        config = CentralDPConfig.from_dict(params)
-        check_rule_compatible(rule, pre=pre)
-        if clients_per_round < 1:
-            raise ValueError(
-                "central DP needs clients-per-round >= 1 (the expected number m of clients per "
-                "round, which calibrates the noise z*C/m); set clients-per-round"
-            )
-        return cls(
-            config,
-            DPFedAvg(config, clients_per_round),
-            PrivacyAccountant(config.accountant),
-        )
-
-    def aggregator(self) -> DPMeanAggregator:
-        return DPMeanAggregator(self.mechanism)
-
-    def check_round(self, num_nodes: int) -> None:
-        """Raise ``ValueError`` when ``num_nodes`` does not fit the calibration (N < m, or m != N
-        with ``sampling="none"``): such a round must not be released."""
-        self.mechanism.accounting_event(num_nodes)
-
-    def check_budget(self, num_nodes: int) -> None:
-        """Raise :class:`PrivacyBudgetExhausted` if one more round would exceed the budget."""
-        if self.config.max_epsilon is None:
-            return
-        z, q = self.mechanism.accounting_event(num_nodes)
-        if self.accountant.would_exceed(z, q, self.config.delta, self.config.max_epsilon):
-            raise PrivacyBudgetExhausted(
-                f"one more round (z={z}, q={q:.4g}) would take epsilon past max_epsilon="
-                f"{self.config.max_epsilon} at delta={self.config.delta} (now "
-                f"{self.epsilon():.4g}); training stops and the last model is kept"
-            )
-
-    def book_round(self, num_nodes: int) -> float:
-        """Book one round over ``num_nodes`` nodes; return epsilon so far."""
-        z, q = self.mechanism.accounting_event(num_nodes)
-        self.accountant.step(z, q)
-        return self.epsilon()
-
-    def epsilon(self) -> float:
-        return float(self.accountant.epsilon(self.config.delta))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"accountant": self.accountant.to_dict()}
-
-    def restore(self, data: Mapping[str, Any]) -> None:
-        self.accountant = PrivacyAccountant.from_dict(data["accountant"])
+    def record(
+        self, rnd: Round, row: Mapping[str, Any], report: Mapping[str, Any],
+        state: dict[str, Any],
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        accountant = PrivacyAccountant.from_dict(state["accountant"])
+        if rnd.new_global is not None:  # released, so booked
+            z, q = self.mechanism.accounting_event(len(rnd.nodes))
+            accountant.step(z, q)
+            state = {**state, "accountant": accountant.to_dict()}
+        eps = float(accountant.epsilon(self.config.delta))
+        return {"epsilon": eps, "delta": self.config.delta}, {"epsilon": eps}, state

@@ -1,8 +1,11 @@
-"""One aggregation round, framework-free: validate replies, stack deltas, aggregate, report.
+"""The pieces of a round, framework-free: decode and validate replies, stack the updates,
+apply the rule, report.
 
-The Flower adapter (``strategy.py``) turns messages into :class:`ClientReply` values and
-calls :func:`aggregate_round`; everything here is plain torch so it is tested without
-Flower. No maths lives here either: the rule comes from ``aggregation``.
+The Flower adapter (``transport.py``) turns messages into :class:`Reply` values; the round
+loop (``loop.py``) decodes them with :func:`decode_train_reply`, checks them with
+:func:`validate_replies`, stacks them with :func:`stack_updates` and aggregates with
+:func:`apply_rule`; :func:`aggregate_round` is the same sequence without components, for
+tests and tools. No maths lives here: the rule comes from ``aggregation``.
 """
 
 from __future__ import annotations
@@ -16,15 +19,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from aggregation import Aggregator, PreconditionError
+from aggregation import AggregationResult, Aggregator, PreconditionError
 
 __all__ = [
     "ClientReply",
     "ModelSpec",
+    "Payload",
     "Rejection",
+    "Reply",
     "RoundOutcome",
     "UpdateHook",
     "aggregate_round",
+    "decode_train_reply",
+    "stack_updates",
+    "validate_replies",
 ]
 
 
@@ -89,6 +97,29 @@ class ModelSpec:
             if not bool(torch.isfinite(t).all()):
                 return f"array {k!r} contains NaN or Inf"
         return None
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What one message carries: named tensor maps and named config maps."""
+
+    arrays: Mapping[str, Mapping[str, Tensor]] = field(default_factory=dict)
+    configs: Mapping[str, Mapping[str, bool | int | float | str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One node's answer to a message, decoded from the transport.
+
+    ``node_id`` is the node the answered message was sent to. ``error`` is set when the
+    node replied with an error or the reply could not be decoded.
+    """
+
+    node_id: int
+    arrays: Mapping[str, Mapping[str, Tensor]] = field(default_factory=dict)
+    metrics: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -173,7 +204,47 @@ class RoundOutcome:
         }
 
 
-def _validate(
+# metrics the server reads from a reply, and what each must be
+_INT_METRICS = ("partition-id", "num-partitions")
+_NUM_METRICS = ("num-examples", "dp-epsilon")
+
+
+def _bad_metrics(m: Mapping[str, Any]) -> str | None:
+    """Why the reply's metrics cannot be used, or ``None``; a client controls them."""
+    for key in _INT_METRICS + _NUM_METRICS:
+        if key not in m:
+            continue
+        v = m[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return f"metric {key!r} must be a number, got {type(v).__name__} {str(v)[:40]!r}"
+        if key != "dp-epsilon" and not math.isfinite(v):
+            return f"metric {key!r} must be finite, got {v}"
+        if key in _INT_METRICS and float(v) != int(v):
+            return f"metric {key!r} must be an integer, got {v}"
+    return None
+
+
+def decode_train_reply(reply: Reply) -> ClientReply:
+    """A train reply as a :class:`ClientReply`; never raises on bad content (``error`` says)."""
+    node = reply.node_id
+    if reply.error is not None:
+        return ClientReply(node, None, None, error=reply.error)
+    if len(reply.arrays) != 1:
+        return ClientReply(node, None, None, error=f"expected one ArrayRecord, got {len(reply.arrays)}")
+    if len(reply.metrics) != 1:
+        return ClientReply(node, None, None, error=f"expected one MetricRecord, got {len(reply.metrics)}")
+    m = dict(next(iter(reply.metrics.values())))
+    bad = _bad_metrics(m)
+    pid = int(m["partition-id"]) if "partition-id" in m and not bad else -1
+    if bad:
+        return ClientReply(node, None, None, pid, {}, error=bad)
+    n_ex = m.get("num-examples")
+    if n_ex is None:
+        return ClientReply(node, None, None, pid, m, error="missing numeric num-examples")
+    return ClientReply(node, next(iter(reply.arrays.values())), float(n_ex), pid, m)
+
+
+def validate_replies(
     replies: Sequence[ClientReply], spec: ModelSpec
 ) -> tuple[list[ClientReply], list[Rejection]]:
     accepted: list[ClientReply] = []
@@ -246,7 +317,7 @@ def aggregate_round(
     """
     t0 = time.perf_counter()
     device = device or global_flat.device
-    accepted, rejections = _validate(replies, spec)
+    accepted, rejections = validate_replies(replies, spec)
 
     def skip(reason: str) -> RoundOutcome:
         return RoundOutcome(
@@ -255,48 +326,74 @@ def aggregate_round(
         )
 
     if len(accepted) < min_clients:
-        return skip(
-            f"only {len(accepted)} valid replies, fewer than min-clients={min_clients}; "
-            "the global model is unchanged"
-        )
+        return skip(too_few_message(len(accepted), min_clients))
     g = global_flat.to(device=device, dtype=torch.float64)
-    if accepted:
-        # (n, d) deltas in float64: small updates stay exact relative to large weights
-        stack = torch.stack([spec.flatten(r.state).to(device) for r in accepted])  # type: ignore[arg-type]
-        deltas = stack - g
-    else:  # only reachable with min_clients=0 (central DP releases every round)
-        deltas = torch.zeros((0, g.numel()), dtype=g.dtype, device=device)
+    updates, weights = stack_updates(accepted, g, spec)
     for hook in hooks:
-        deltas = hook(server_round, deltas, accepted)
-    weights = torch.tensor(
-        [float(r.num_examples) for r in accepted], dtype=deltas.dtype, device=device  # type: ignore[arg-type]
-    )
+        updates = hook(server_round, updates, accepted)
     try:
-        result = aggregator(deltas, weights, state=state, generator=generator)
+        result = aggregator(updates, weights, state=state, generator=generator)
     except PreconditionError as exc:  # too few clients this round for the rule
         return skip(f"{exc}; the global model is unchanged")
-    kept_idx = [int(i) for i in result.kept.tolist()]
-    kept_nodes = tuple(accepted[i].node_id for i in kept_idx)
-    kept_set = set(kept_idx)
-    for i, r in enumerate(accepted):
-        if i not in kept_set:
-            rejections.append(
-                Rejection(r.node_id, r.partition_id, "rule", f"not selected by {aggregator.name}")
-            )
+    rejections += rule_rejections(accepted, result, aggregator.name)
     update = result.update
-    info = {k: float(v) for k, v in result.info.items() if v.numel() == 1}
-    client_eps = [float(r.metrics["dp-epsilon"]) for r in accepted if "dp-epsilon" in r.metrics]
-    if client_eps:
-        info["client-epsilon-max"] = max(client_eps)
     return RoundOutcome(
         server_round,
         (g + update).to(global_flat.device),
         result.state,
         tuple(accepted),
-        kept_nodes,
+        tuple(accepted[int(i)].node_id for i in result.kept.tolist()),
         tuple(rejections),
         None,
         time.perf_counter() - t0,
         update_norm=float(update.norm()),
-        info=info,
+        info=round_info(result, accepted),
     )
+
+
+def too_few_message(num_valid: int, min_clients: int) -> str:
+    """Why a round with too few valid replies is skipped."""
+    return (
+        f"only {num_valid} valid replies, fewer than min-clients={min_clients}; "
+        "the global model is unchanged"
+    )
+
+
+def stack_updates(
+    accepted: Sequence[ClientReply], global_flat: Tensor, spec: ModelSpec
+) -> tuple[Tensor, Tensor]:
+    """The ``(n, d)`` updates (each reply's weights minus ``global_flat``) and ``(n,)`` weights.
+
+    ``global_flat`` is float64 on the aggregation device: small updates stay exact relative
+    to large weights.
+    """
+    g = global_flat
+    if accepted:
+        stack = torch.stack([spec.flatten(r.state).to(g.device) for r in accepted])  # type: ignore[arg-type]
+        updates = stack - g
+    else:  # only reachable with min_clients=0 (central DP releases every round)
+        updates = torch.zeros((0, g.numel()), dtype=g.dtype, device=g.device)
+    weights = torch.tensor(
+        [float(r.num_examples) for r in accepted], dtype=updates.dtype, device=g.device  # type: ignore[arg-type]
+    )
+    return updates, weights
+
+
+def rule_rejections(
+    accepted: Sequence[ClientReply], result: AggregationResult, rule_name: str
+) -> list[Rejection]:
+    """A rejection for each accepted reply the rule did not keep."""
+    kept = {int(i) for i in result.kept.tolist()}
+    return [
+        Rejection(r.node_id, r.partition_id, "rule", f"not selected by {rule_name}")
+        for i, r in enumerate(accepted) if i not in kept
+    ]
+
+
+def round_info(result: AggregationResult, accepted: Sequence[ClientReply]) -> dict[str, float]:
+    """The rule's scalar diagnostics, and the largest epsilon a DP-SGD client reported."""
+    info = {k: float(v) for k, v in result.info.items() if v.numel() == 1}
+    client_eps = [float(r.metrics["dp-epsilon"]) for r in accepted if "dp-epsilon" in r.metrics]
+    if client_eps:
+        info["client-epsilon-max"] = max(client_eps)
+    return info

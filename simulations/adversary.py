@@ -1,17 +1,20 @@
 """The simulation adversary: colluding malicious clients, and the attack's ground truth.
 
-Plugged into the server through the run config key ``adversary``
-(``simulations.adversary:build_adversary``). It does three things a simulation can and a
-deployment cannot:
+A round component (:class:`server.stages.Component`) that the run config names with the
+key ``adversary`` (``simulations.adversary:build_adversary``). It acts at three stages, doing
+what a simulation can and a deployment cannot:
 
-- ``update_hook``: for omniscient model-poisoning attacks (ALIE, IPM, min-max, Fang, ...)
+- ``transform``: for omniscient model-poisoning attacks (ALIE, IPM, min-max, Fang, ...)
   the malicious clients train honestly and the adversary replaces their updates with
   crafted ones, computed from the honest updates (``attack-knowledge = "omniscient"``) or
   from the attackers' own honest updates only (``"own-data"``). An attack that needs the
   defense gets the server's own aggregator as an argument.
-- ``evaluate``: the backdoor's attack success rate on the triggered test set.
-- ``observe``: detection precision and recall of the defense against the known set of
+- ``evaluate``: the backdoor's attack success rate on the triggered test set, and the
+  configured evasion and membership-inference metrics.
+- ``record``: detection precision and recall of the defense against the known set of
   malicious clients, per round.
+
+Its state is the list of rounds in which the attack could not be mounted.
 
 Which clients are malicious is :func:`client.malicious.malicious_partitions` of the run's
 seed, the same set the clients compute for themselves.
@@ -28,10 +31,8 @@ from torch import Tensor, nn
 
 from aggregation import Aggregator
 from aggregation.registry import (
-    config_value,
     derive_seed,
     make_generator,
-    parse_params,
     unknown_name_message,
 )
 from client.malicious import (
@@ -42,18 +43,17 @@ from client.malicious import (
     malicious_partitions,
 )
 from client.poisoning import get_update_poisoning
+from runconfig.config import RunConfig
 from server.rounds import ClientReply
+from server.stages import Component, Round
 
 from .attacks import Attack, attack_names, get_attack
 from .metrics import attack_success_rate, detection_scores
 
-__all__ = ["ATTACK_KNOWLEDGE", "Adversary", "all_attack_names", "build_adversary"]
+__all__ = ["Adversary", "all_attack_names", "build_adversary"]
 
 log = logging.getLogger("fedshield.adversary")
 
-ATTACK_KNOWLEDGE = ("omniscient", "own-data")
-
-Scalar = bool | int | float | str
 
 
 def all_attack_names() -> list[str]:
@@ -64,8 +64,8 @@ def all_attack_names() -> list[str]:
 
 
 @dataclass
-class Adversary:
-    """The plug-in the server calls; see the module docstring."""
+class Adversary(Component):
+    """The simulation adversary as a round component; see the module docstring."""
 
     attack_name: str
     malicious_count: int
@@ -76,8 +76,11 @@ class Adversary:
     aggregator: Aggregator | None
     test_data: tuple[Tensor, Tensor] | None
     backdoor: tuple[Any, int] | None  # (trigger, target)
-    failed_rounds: set[int] = field(default_factory=set)
     evaluators: tuple[Callable[[nn.Module], dict[str, float]], ...] = ()
+    name: str = field(default="adversary", init=False)
+
+    def init_state(self) -> dict[str, Any]:
+        return {"failed_rounds": []}
 
     def malicious(self, replies: Sequence[ClientReply]) -> frozenset[int]:
         """The malicious partition ids, from the clients' reported number of partitions."""
@@ -88,21 +91,35 @@ class Adversary:
             raise ValueError(f"clients disagree on num-partitions: {sorted(nums)}")
         return malicious_partitions(nums.pop(), self.malicious_count, self.seed)
 
-    def update_hook(self, server_round: int, deltas: Tensor, replies: Sequence[ClientReply]) -> Tensor:
-        """Replace the malicious rows of ``deltas`` ``(n, d)`` with the crafted updates."""
+    def transform(
+        self, rnd: Round, updates: Tensor, weights: Tensor, state: dict[str, Any]
+    ) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        out, failure = self.mount(rnd.number, updates, rnd.accepted)
+        if failure is not None:
+            log.warning("round %d: attack %s not mounted: %s", rnd.number, self.attack_name,
+                        failure)
+            state = {**state, "failed_rounds": [*state["failed_rounds"], rnd.number]}
+        return out, weights, state
+
+    def mount(
+        self, server_round: int, updates: Tensor, replies: Sequence[ClientReply]
+    ) -> tuple[Tensor, str | None]:
+        """Replace the malicious rows of ``updates`` ``(n, d)`` with the crafted updates.
+
+        Returns the new ``(n, d)`` updates and ``None``, or the unchanged updates and why
+        the attack could not be mounted this round.
+        """
         if self.attack is None or server_round < self.start_round:
-            return deltas
+            return updates, None
         try:
             bad = self.malicious(replies)
         except ValueError as exc:
-            self.failed_rounds.add(server_round)
-            log.warning("round %d: attack %s not mounted: %s", server_round, self.attack_name, exc)
-            return deltas
+            return updates, str(exc)
         mal_rows = [i for i, r in enumerate(replies) if r.partition_id in bad]
         if not mal_rows:
-            return deltas
+            return updates, None
         honest_rows = [i for i in range(len(replies)) if i not in set(mal_rows)]
-        reference = deltas[honest_rows] if self.knowledge == "omniscient" else deltas[mal_rows]
+        reference = updates[honest_rows] if self.knowledge == "omniscient" else updates[mal_rows]
         gen = make_generator(derive_seed(self.seed, "adversary", server_round))
         try:
             crafted = self.attack(
@@ -110,14 +127,12 @@ class Adversary:
             )
         except ValueError as exc:
             # e.g. ALIE needs two reference updates; the round goes on with honest updates
-            self.failed_rounds.add(server_round)
-            log.warning("round %d: attack %s not mounted: %s", server_round, self.attack_name, exc)
-            return deltas
-        out = deltas.clone()
-        out[mal_rows] = crafted.to(dtype=deltas.dtype, device=deltas.device)
-        return out
+            return updates, str(exc)
+        out = updates.clone()
+        out[mal_rows] = crafted.to(dtype=updates.dtype, device=updates.device)
+        return out, None
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, rnd: int, model: nn.Module, state: Any = None) -> dict[str, float]:
         """``asr`` of a backdoor, plus the configured evasion / membership metrics."""
         out: dict[str, float] = {}
         if self.backdoor is not None and self.test_data is not None:
@@ -128,7 +143,13 @@ class Adversary:
             out.update(evaluate(model))
         return out
 
-    def observe(self, report: Mapping[str, Any]) -> dict[str, float]:
+    def record(
+        self, rnd: Round, row: Mapping[str, Any], report: Mapping[str, Any],
+        state: dict[str, Any],
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        return self.detection(report, set(state["failed_rounds"])), {}, state
+
+    def detection(self, report: Mapping[str, Any], failed_rounds: set[int]) -> dict[str, float]:
         """Detection precision/recall of the defense this round (NaN when undefined)."""
         num = report.get("num_partitions")
         rnd = int(report["round"])
@@ -149,12 +170,13 @@ class Adversary:
             "num-malicious-participants": float(len(set(participants) & bad)),
         }
         if self.attack is not None:
-            out["attack-mounted"] = float(rnd not in self.failed_rounds)
+            out["attack-mounted"] = float(rnd not in failed_rounds)
         return out
 
 
-def build_adversary(run_config: Mapping[str, Scalar]) -> Adversary | None:
-    """The adversary of this run, or ``None`` when nobody is malicious.
+def build_adversary(cfg: RunConfig) -> Adversary | None:
+    """The adversary of this run, or ``None`` when nobody is malicious and no evaluation
+    extra is asked for.
 
     Raises
     ------
@@ -163,23 +185,18 @@ def build_adversary(run_config: Mapping[str, Scalar]) -> Adversary | None:
     TypeError
         If ``attack-params`` holds a parameter the attack does not take.
     ValueError
-        If ``attack-knowledge`` is not one of :data:`ATTACK_KNOWLEDGE`.
+        If the attack's parameters are out of range.
     """
-    num_malicious = config_value(run_config, "num-malicious", int)
-    evaluators = _evaluators(run_config)
+    num_malicious = cfg.num_malicious
+    evaluators = _evaluators(cfg)
     if num_malicious == 0:
         if not evaluators:
             return None
-        return Adversary("", 0, config_value(run_config, "seed", int), 1, "omniscient",
+        return Adversary("", 0, cfg.seed, 1, "omniscient",
                          None, None, None, None, evaluators=evaluators)
-    name = config_value(run_config, "attack", str)
-    params = parse_params(config_value(run_config, "attack-params", str), what="attack-params")
-    knowledge = config_value(run_config, "attack-knowledge", str)
-    if knowledge not in ATTACK_KNOWLEDGE:
-        raise ValueError(
-            f"attack-knowledge must be one of {', '.join(ATTACK_KNOWLEDGE)}, got {knowledge!r}"
-        )
-    seed = config_value(run_config, "seed", int)
+    name, params = cfg.attack.name, dict(cfg.attack.params)
+    knowledge = cfg.attack_knowledge
+    seed = cfg.seed
     attack: Attack | None = None
     aggregator: Aggregator | None = None
     backdoor: tuple[Any, int] | None = None
@@ -187,21 +204,16 @@ def build_adversary(run_config: Mapping[str, Scalar]) -> Adversary | None:
     if name in attack_names() and not is_client_side_attack(name):
         attack = get_attack(name, **params)
         if attack.needs_aggregator:
-            from server.app import build_aggregator, parse_pipeline
+            from server.run import build_rule
 
-            aggregator = build_aggregator(
-                config_value(run_config, "aggregator", str),
-                parse_params(config_value(run_config, "aggregator-params", str)),
-                parse_pipeline(config_value(run_config, "pre-aggregation", str)),
-                default_f=num_malicious,
-            )
+            aggregator = build_rule(cfg)
     elif name in DATA_ATTACKS:
         p = data_attack_params(name, params)  # validates the parameters up front
         if name in ("backdoor", "dba"):
             from .task import build_task
 
             backdoor = (backdoor_trigger(p), int(p["target"]))
-            test_data = build_task(run_config).test_data()
+            test_data = build_task(cfg.flat).test_data()
     elif is_client_side_attack(name):
         get_update_poisoning(name, **params)  # validates the parameters up front
     else:
@@ -210,7 +222,7 @@ def build_adversary(run_config: Mapping[str, Scalar]) -> Adversary | None:
         attack_name=name,
         malicious_count=num_malicious,
         seed=seed,
-        start_round=config_value(run_config, "attack-start-round", int),
+        start_round=cfg.attack_start_round,
         knowledge=knowledge,
         attack=attack,
         aggregator=aggregator,
@@ -220,22 +232,20 @@ def build_adversary(run_config: Mapping[str, Scalar]) -> Adversary | None:
     )
 
 
-def _evaluators(run_config: Mapping[str, Scalar]) -> tuple[Callable[[nn.Module], dict[str, float]], ...]:
+def _evaluators(cfg: RunConfig) -> tuple[Callable[[nn.Module], dict[str, float]], ...]:
     """Per-round evaluation extras: evasion accuracy (FGSM/PGD) and membership-inference AUC."""
-    from server.app import parse_pipeline
-
     from .audit.evasion import robust_accuracy
     from .audit.membership import membership_auc
     from .task import build_task
 
     out: list[Callable[[nn.Module], dict[str, float]]] = []
-    steps = parse_pipeline(config_value(run_config, "eval-evasion", str))
-    membership = config_value(run_config, "eval-membership", bool)
+    steps = [(s.name, dict(s.params)) for s in cfg.eval_evasion]
+    membership = cfg.eval_membership
     if not steps and not membership:
         return ()
-    task = build_task(run_config)
+    task = build_task(cfg.flat)
     x_test, y_test = task.test_data()
-    seed = config_value(run_config, "seed", int)
+    seed = cfg.seed
     for attack, params in steps:
         if attack not in ("fgsm", "pgd"):
             raise KeyError(unknown_name_message("evasion attack", attack, ["fgsm", "pgd"]))

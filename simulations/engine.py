@@ -19,9 +19,10 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
+from runconfig.config import RunConfig, Scalar
+
 __all__ = ["InProcessGrid", "run_in_process"]
 
-Scalar = bool | int | float | str
 
 # A fault model for tests: fault(partition_id, message) -> True drops the message (a lost
 # node, seen by the server as a time-out); raising inside makes an error reply.
@@ -154,55 +155,62 @@ class InProcessGrid(Grid):
         return reply
 
 
-def validate(run_config: Mapping[str, Scalar], num_clients: int) -> None:
-    """Check every client-side setting before round 1, so a bad config fails at once.
+def validate(run_config: Mapping[str, Scalar] | RunConfig, num_clients: int) -> RunConfig:
+    """Check the settings that depend on the number of clients before round 1.
 
-    In a simulation the engine knows ``N``; without this a setting only the clients read
-    (e.g. more malicious clients than clients, an unknown attack parameter, a partition
-    that cannot be made) would turn every reply into an error and every round into a skip.
+    Everything that can be checked from the config alone is checked by
+    :meth:`runconfig.config.RunConfig.from_flat`; in a simulation the engine also knows
+    ``N``: without this, a setting only the clients read (more malicious clients than
+    clients, an unknown attack parameter, a partition that cannot be made) would turn every
+    reply into an error and every round into a skip.
+
+    Returns
+    -------
+    RunConfig
+        The parsed config.
     """
     import torch
 
-    from aggregation.registry import make_generator, parse_params, unknown_name_message
-    from client.app import ClientConfig
-    from client.dp import local_dp_update
+    from aggregation.registry import make_generator, unknown_name_message
+    from client.app import train_settings
+    from client.local_dp import local_dp_update
     from client.malicious import is_client_side_attack, malicious_partitions
+    from server.privacy import CentralDP
 
     from .adversary import all_attack_names
     from .task import build_task
 
+    cfg = run_config if isinstance(run_config, RunConfig) else RunConfig.from_flat(run_config)
     if num_clients < 1:
         raise ValueError(f"num-clients must be >= 1, got {num_clients}")
-    cfg = ClientConfig.from_run_config(run_config)
+    train_settings(cfg)
     malicious_partitions(num_clients, cfg.num_malicious, cfg.seed)
-    build_task(run_config).partition_indices(num_clients)
-    m = int(run_config["clients-per-round"])
-    if m > num_clients:
+    build_task(cfg.flat).partition_indices(num_clients)
+    if cfg.clients_per_round > num_clients:
         raise ValueError(
-            f"clients-per-round={m} exceeds num-clients={num_clients}: every round would wait "
-            "node-wait-timeout for nodes that do not exist; lower clients-per-round"
+            f"clients-per-round={cfg.clients_per_round} exceeds num-clients={num_clients}: "
+            "every round would wait node-wait-timeout for nodes that do not exist; lower "
+            "clients-per-round"
         )
     if cfg.num_malicious > 0:
-        if cfg.attack not in all_attack_names():
-            raise KeyError(unknown_name_message("attack", cfg.attack, all_attack_names()))
-        if not is_client_side_attack(cfg.attack) and not run_config["adversary"]:
+        attack = cfg.attack.name
+        if attack not in all_attack_names():
+            raise KeyError(unknown_name_message("attack", attack, all_attack_names()))
+        if not is_client_side_attack(attack) and not cfg.adversary:
             raise ValueError(
-                f"attack {cfg.attack!r} is mounted by the simulation adversary, but adversary is "
+                f"attack {attack!r} is mounted by the simulation adversary, but adversary is "
                 "empty: the run would be attack-free. Set adversary="
                 "'simulations.adversary:build_adversary'"
             )
-    cdp = parse_params(str(run_config["central-dp"]), what="central-dp")
-    if cdp:
-        from server.privacy import CentralDP
-
+    if cfg.central_dp:
         CentralDP.from_params(
-            cdp, rule=str(run_config["aggregator"]), pre=[],
-            clients_per_round=m,
-        ).check_round(num_clients)
+            cfg.central_dp, rule=cfg.rule.name, clients_per_round=cfg.clients_per_round,
+        ).check_nodes(num_clients)
     if cfg.local_dp:
         p = dict(cfg.local_dp)
         local_dp_update(torch.zeros(2), float(p.pop("clipping_norm")), **p,
                         generator=make_generator(0))
+    return cfg
 
 
 def run_in_process(
@@ -211,14 +219,18 @@ def run_in_process(
     num_clients: int | None = None,
     fault: FaultFn | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
-    hooks: Sequence[Any] = (),
+    components: Sequence[Any] = (),
 ) -> list[dict[str, Any]]:
-    """Run one federation in this process; return the per-round metrics rows."""
+    """Run one federation in this process; return the per-round metrics rows.
+
+    ``run_config`` is the flat config plus the engine's ``num-clients`` (unless
+    ``num_clients`` is given); ``components`` are extra round components.
+    """
     from client.app import app as client_app
     from server.app import run_server
 
     n = int(num_clients if num_clients is not None else run_config["num-clients"])
     app_config = {k: v for k, v in run_config.items() if k != "num-clients"}
-    validate(app_config, n)
+    cfg = validate(app_config, n)
     grid = InProcessGrid(client_app, app_config, n, fault=fault)
-    return run_server(grid, app_config, on_round=on_round, hooks=hooks)
+    return run_server(grid, cfg, on_round=on_round, components=components)

@@ -1,4 +1,5 @@
-"""Imports flow one way (aggregation -> server/client -> simulations); Flower stays in adapters."""
+"""Imports flow one way (aggregation, privacy, runconfig -> server/client -> simulations);
+Flower stays in the adapters."""
 
 from __future__ import annotations
 
@@ -8,15 +9,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("aggregation", "server", "client", "simulations")
+PACKAGES = ("aggregation", "privacy", "runconfig", "server", "client", "simulations", "deploy")
+_ABOVE_BASE = {"server", "client", "simulations", "deploy", "flwr", "opacus"}
 FORBIDDEN = {
-    "aggregation": {"server", "client", "simulations", "flwr"},
+    # the base: pure maths, the privacy core and the run config know nothing above them
+    "aggregation": _ABOVE_BASE | {"privacy", "runconfig"},
+    "privacy": _ABOVE_BASE - {"opacus"} | {"runconfig"},
+    "runconfig": _ABOVE_BASE | {"privacy", "torch"},
     "server": {"client", "simulations"},
     "client": {"server", "simulations"},
-    "simulations": set(),
+    "simulations": {"deploy"},
+    "deploy": {"server", "client", "simulations"},
 }
 # the only modules that may import Flower (API churn touches only them)
-FLOWER_ADAPTERS = {"server/app.py", "server/strategy.py", "client/app.py", "simulations/engine.py"}
+FLOWER_ADAPTERS = {
+    "server/app.py", "server/transport.py", "client/app.py", "simulations/engine.py",
+}
 
 
 def _top_level_imports(path: Path) -> set[str]:

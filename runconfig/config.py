@@ -1,0 +1,324 @@
+"""The run config: the flat ``key -> scalar`` mapping of ``flwr run``, parsed once.
+
+Flower hands every app a flat run config (``[tool.flwr.app.config]`` in ``pyproject.toml``,
+overridden by ``flwr run --run-config``). :meth:`RunConfig.from_flat` turns it, once per
+run, into a frozen, typed :class:`RunConfig`: each key's type is checked, every component
+spec is parsed with the one grammar of :mod:`runconfig.spec`, and every check that involves
+several keys is made here, in :meth:`RunConfig._check`, and nowhere else. Checks that need a
+component's registry (is ``krum`` a rule? does it take ``f``?) are made by that registry's
+``build``, when the component is built before round 1.
+
+:data:`APP_KEYS` is the single list of the app's keys and defaults; ``pyproject.toml``
+repeats it for Flower (a test keeps the two identical).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .spec import Spec, parse_params, parse_specs
+
+__all__ = ["APP_KEYS", "ATTACK_KNOWLEDGE", "RunConfig", "Scalar", "config_value"]
+
+Scalar = bool | int | float | str
+
+# Keys of the Flower app and their defaults: identical to [tool.flwr.app.config].
+APP_KEYS: dict[str, Scalar] = {
+    # federation
+    "num-server-rounds": 20,
+    "clients-per-round": 0,
+    "min-clients": 2,
+    "round-timeout": 600.0,
+    "node-wait-timeout": 120.0,
+    "server-device": "cpu",
+    # defense
+    "aggregator": "mean",
+    "aggregator-params": "",
+    "pre-aggregation": "",
+    # task
+    "task": "simulations.task:build_task",
+    "dataset": "digits",
+    "partitioner": "iid",
+    "partitioner-params": "",
+    "model": "mlp",
+    "model-params": "",
+    # local training
+    "local-epochs": 2,
+    "batch-size": 32,
+    "learning-rate": 0.3,
+    "optimizer": "sgd",
+    "momentum": 0.0,
+    "weight-decay": 0.0,
+    "device": "auto",
+    # privacy and robustness defenses ("" = off; else key=value parameters)
+    "central-dp": "",
+    "dp-sgd": "",
+    "local-dp": "",
+    "adversarial-training": "",
+    # extra per-round evaluation of the global model
+    "eval-evasion": "",
+    "eval-membership": False,
+    # threat model
+    "num-malicious": 0,
+    "attack": "sign_flip",
+    "attack-params": "",
+    "attack-start-round": 1,
+    "attack-knowledge": "omniscient",
+    "adversary": "simulations.adversary:build_adversary",
+    # bookkeeping
+    "seed": 0,
+    "out-dir": "",
+    "resume": False,
+}
+
+ATTACK_KNOWLEDGE = ("omniscient", "own-data")
+DP_SGD_KEYS = (
+    "noise_multiplier", "max_grad_norm", "delta", "target_epsilon", "max_epsilon", "accountant",
+)
+LOCAL_DP_KEYS = ("clipping_norm", "noise_std", "epsilon", "delta", "method")
+ADVERSARIAL_KEYS = ("eps", "alpha", "steps")
+
+_KINDS: dict[type, tuple[type, ...]] = {
+    bool: (bool,),
+    int: (int,),
+    float: (int, float),
+    str: (str,),
+}
+
+
+def config_value(config: Mapping[str, Any], key: str, kind: type[Any]) -> Any:
+    """Read ``config[key]`` as ``kind`` (bool, int, float or str), refusing a wrong type.
+
+    Raises
+    ------
+    KeyError
+        If the key is absent.
+    TypeError
+        If the value has the wrong type (an int is accepted for a float, a bool is never
+        accepted for a number).
+    ValueError
+        If a float is NaN or infinite.
+    """
+    if key not in config:
+        raise KeyError(
+            f"run config has no key {key!r}; add it to [tool.flwr.app.config] in "
+            f"pyproject.toml or pass it with --run-config \"{key}=...\""
+        )
+    value = config[key]
+    ok = isinstance(value, _KINDS[kind]) and not (kind is not bool and isinstance(value, bool))
+    if not ok:
+        raise TypeError(
+            f"run config key {key!r} must be {kind.__name__}, got "
+            f"{type(value).__name__} {value!r}"
+        )
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"run config key {key!r} must be a finite number, got {value!r}")
+    return kind(value)
+
+
+def _options(cfg: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+    params = parse_params(config_value(cfg, key, str), what=key)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise TypeError(f"{key} got unknown parameter(s) {unknown}; valid: {', '.join(allowed)}")
+    return params
+
+
+def _spec(cfg: Mapping[str, Any], name_key: str, params_key: str) -> Spec:
+    name = config_value(cfg, name_key, str).strip()
+    if not name:
+        raise ValueError(f"run config key {name_key!r} is empty; name a registered component")
+    return Spec(name, parse_params(config_value(cfg, params_key, str), what=params_key))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run config, typed and checked; see the module docstring.
+
+    ``flat`` keeps the mapping it was parsed from: it is what a run saves and what resume
+    compares.
+    """
+
+    num_rounds: int
+    clients_per_round: int
+    min_clients: int
+    round_timeout: float
+    node_wait_timeout: float
+    server_device: str
+    rule: Spec
+    pre_aggregation: tuple[Spec, ...]
+    task: str
+    dataset: str
+    partitioner: Spec
+    model: Spec
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    optimizer: str
+    momentum: float
+    weight_decay: float
+    device: str
+    central_dp: Mapping[str, Any]
+    dp_sgd: Mapping[str, Any]
+    local_dp: Mapping[str, Any]
+    adversarial_training: Mapping[str, Any]
+    eval_evasion: tuple[Spec, ...]
+    eval_membership: bool
+    num_malicious: int
+    attack: Spec
+    attack_start_round: int
+    attack_knowledge: str
+    adversary: str
+    seed: int
+    out_dir: str
+    resume: bool
+    flat: Mapping[str, Scalar] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_flat(cls, cfg: Mapping[str, Any]) -> RunConfig:
+        """Parse and check a flat run config (every key of :data:`APP_KEYS`, no other).
+
+        Raises
+        ------
+        KeyError
+            A missing or unknown key (with the closest valid key).
+        TypeError
+            A value of the wrong type, or an unknown option in a ``key=value`` setting.
+        ValueError
+            A value out of range, an unparsable spec, or settings that contradict each
+            other (the message names the keys and the fix).
+        """
+        unknown = sorted(set(cfg) - set(APP_KEYS))
+        if unknown:
+            import difflib
+
+            hints = ", ".join(
+                f"{k!r}" + "".join(f" (did you mean {c!r}?)"
+                                   for c in difflib.get_close_matches(k, list(APP_KEYS), n=1))
+                for k in unknown
+            )
+            raise KeyError(f"unknown run-config key(s) {hints}; valid keys: {', '.join(APP_KEYS)}")
+
+        def get(key: str) -> Any:
+            return config_value(cfg, key, type(APP_KEYS[key]))
+
+        out = cls(
+            num_rounds=get("num-server-rounds"),
+            clients_per_round=get("clients-per-round"),
+            min_clients=get("min-clients"),
+            round_timeout=get("round-timeout"),
+            node_wait_timeout=get("node-wait-timeout"),
+            server_device=get("server-device"),
+            rule=_spec(cfg, "aggregator", "aggregator-params"),
+            pre_aggregation=tuple(parse_specs(get("pre-aggregation"), what="pre-aggregation step")),
+            task=get("task"),
+            dataset=get("dataset"),
+            partitioner=_spec(cfg, "partitioner", "partitioner-params"),
+            model=_spec(cfg, "model", "model-params"),
+            local_epochs=get("local-epochs"),
+            batch_size=get("batch-size"),
+            learning_rate=get("learning-rate"),
+            optimizer=get("optimizer"),
+            momentum=get("momentum"),
+            weight_decay=get("weight-decay"),
+            device=get("device"),
+            central_dp=parse_params(get("central-dp"), what="central-dp"),
+            dp_sgd=_options(cfg, "dp-sgd", DP_SGD_KEYS),
+            local_dp=_options(cfg, "local-dp", LOCAL_DP_KEYS),
+            adversarial_training=_options(cfg, "adversarial-training", ADVERSARIAL_KEYS),
+            eval_evasion=tuple(parse_specs(get("eval-evasion"), what="eval-evasion attack")),
+            eval_membership=get("eval-membership"),
+            num_malicious=get("num-malicious"),
+            attack=_spec(cfg, "attack", "attack-params"),
+            attack_start_round=get("attack-start-round"),
+            attack_knowledge=get("attack-knowledge"),
+            adversary=get("adversary"),
+            seed=get("seed"),
+            out_dir=get("out-dir"),
+            resume=get("resume"),
+            flat={k: cfg[k] for k in APP_KEYS},
+        )
+        out._check()
+        return out
+
+    def _check(self) -> None:
+        """Every check on one key's range and on several keys together."""
+        if self.num_rounds < 1:
+            raise ValueError(f"num-server-rounds must be >= 1, got {self.num_rounds}")
+        if not self.round_timeout > 0:
+            raise ValueError(f"round-timeout must be > 0 seconds, got {self.round_timeout}")
+        if self.node_wait_timeout < 0:
+            raise ValueError(f"node-wait-timeout must be >= 0, got {self.node_wait_timeout}")
+        if self.clients_per_round < 0:
+            raise ValueError(f"clients-per-round must be >= 0, got {self.clients_per_round}")
+        if self.min_clients < 0:
+            raise ValueError(f"min-clients must be >= 0, got {self.min_clients}")
+        if self.num_malicious < 0:
+            raise ValueError(f"num-malicious must be >= 0, got {self.num_malicious}")
+        if self.attack_knowledge not in ATTACK_KNOWLEDGE:
+            raise ValueError(
+                f"attack-knowledge must be one of {', '.join(ATTACK_KNOWLEDGE)}, got "
+                f"{self.attack_knowledge!r}"
+            )
+        if self.central_dp:
+            self._check_central_dp()
+        elif self.clients_per_round and self.clients_per_round < self.min_clients:
+            raise ValueError(
+                f"clients-per-round={self.clients_per_round} is below min-clients="
+                f"{self.min_clients}: every round would be skipped; raise clients-per-round or "
+                "lower min-clients"
+            )
+        if self.local_dp:
+            if "clipping_norm" not in self.local_dp:
+                raise ValueError(
+                    "local-dp needs clipping_norm, e.g. \"clipping_norm=1.0, epsilon=2.0, "
+                    "delta=1e-5\""
+                )
+            if ("noise_std" in self.local_dp) == ("epsilon" in self.local_dp):
+                raise ValueError("local-dp needs exactly one of noise_std or epsilon (with delta)")
+        if self.dp_sgd and ("noise_multiplier" in self.dp_sgd) == ("target_epsilon" in self.dp_sgd):
+            raise ValueError("dp-sgd needs exactly one of noise_multiplier or target_epsilon")
+
+    def _check_central_dp(self) -> None:
+        if self.pre_aggregation:
+            raise ValueError(
+                "central-dp clips every update itself (clipping_norm) and releases a round even "
+                "when nobody replies; pre-aggregation steps cannot run on an empty round: drop "
+                f"pre-aggregation={[s.name for s in self.pre_aggregation]} and set clipping_norm"
+            )
+        if self.rule.params:
+            raise ValueError(
+                "central-dp replaces the rule by DP-FedAvg (the unweighted mean of clipped "
+                f"updates), which takes no aggregator-params; got {dict(self.rule.params)}"
+            )
+        if self.clients_per_round < 1:
+            raise ValueError(
+                "central DP needs clients-per-round >= 1 (the expected number m of clients per "
+                "round, which calibrates the noise z*C/m); set clients-per-round"
+            )
+
+    # -- derived settings, in one place -----------------------------------------------
+    @property
+    def sampling(self) -> str:
+        """How nodes are sampled: ``"fixed"`` (seeded sample of m), ``"poisson"``, ``"all"``."""
+        if self.central_dp:
+            mode = str(self.central_dp.get("sampling", "poisson"))
+            return {"poisson": "poisson", "fixed": "fixed", "none": "all"}.get(mode, mode)
+        return "fixed"
+
+    @property
+    def round_min_clients(self) -> int:
+        """Fewer valid replies than this skip a round; central DP releases every round."""
+        return 0 if self.central_dp else self.min_clients
+
+    def replace(self, **changes: Scalar) -> RunConfig:
+        """A new config with flat keys changed (``replace(**{"num-server-rounds": 5})``)."""
+        return RunConfig.from_flat({**self.flat, **changes})
+
+    def as_flat(self) -> dict[str, Scalar]:
+        """The flat mapping, as Flower and the saved ``config.toml`` carry it."""
+        return dict(self.flat)
+

@@ -1,0 +1,287 @@
+"""The round loop: the stages of :mod:`server.stages`, in order, for every round.
+
+The loop names no component: central DP, the simulation adversary, the metrics files and
+whatever comes next act through the :class:`~server.stages.Component` interface. What
+carries from one round to the next is one :class:`RunState` value, which the checkpoint
+saves whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from aggregation import Aggregator, PreconditionError
+from aggregation.registry import derive_seed, make_generator
+
+from .rounds import (
+    ModelSpec,
+    Payload,
+    Rejection,
+    RoundOutcome,
+    decode_train_reply,
+    round_info,
+    rule_rejections,
+    stack_updates,
+    too_few_message,
+    validate_replies,
+)
+from .sampling import draw_sample, wait_for_nodes
+from .stages import Component, Plan, Round, Transport, Verdict
+
+__all__ = ["Federation", "RunState", "run_rounds"]
+
+log = logging.getLogger("fedshield.server")
+
+
+@dataclass
+class RunState:
+    """Everything that carries from one round to the next (what a checkpoint holds)."""
+
+    next_round: int
+    global_flat: Tensor  # (d,) float64 on the CPU
+    rule_state: Any
+    components: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Federation:
+    """What is fixed for the whole run."""
+
+    spec: ModelSpec
+    model: nn.Module  # loaded with the global model whenever it is evaluated
+    base_state: Mapping[str, Tensor]  # the model's full state dict (non-floating entries too)
+    evaluate: Callable[[nn.Module], dict[str, float]]  # central evaluation
+    rule: Aggregator
+    components: tuple[Component, ...]
+    plan: Plan
+    seed: int
+    device: torch.device
+    num_rounds: int
+    checkpoint: Callable[[int, RunState], None] | None = None
+
+    def __post_init__(self) -> None:
+        names = [c.name for c in self.components]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"two components are named {dup}; component names must be unique")
+        for flag in ("owns_exchange", "owns_aggregation"):
+            owners = [c.name for c in self.components if getattr(c, flag)]
+            if len(owners) > 1:
+                raise ValueError(f"components {owners} all set {flag}; at most one may")
+
+    def owner(self, flag: str) -> Component | None:
+        return next((c for c in self.components if getattr(c, flag)), None)
+
+    def load(self, flat: Tensor) -> nn.Module:
+        """The model holding the ``(d,)`` parameters ``flat``."""
+        self.model.load_state_dict({**self.base_state, **self.spec.unflatten(flat)})
+        return self.model
+
+
+def run_rounds(fed: Federation, transport: Transport, run: RunState) -> list[dict[str, Any]]:
+    """Run rounds ``run.next_round .. fed.num_rounds``; return one metrics row per round."""
+    rows: list[dict[str, Any]] = []
+    if run.next_round == 1:
+        rows.append(_publish(fed, run, 0, {"round": 0, "skipped": False,
+                                           **_evaluate(fed, run, 0, run.global_flat)}, None))
+    for number in range(run.next_round, fed.num_rounds + 1):
+        t0 = time.perf_counter()
+        rnd = Round(number, run.global_flat)
+        verdict = _sample(fed, transport, rnd, run)
+        if verdict is not None and verdict.action == "stop":
+            log.warning("round %d not run: %s", number, verdict.reason)
+            report = {"round": number, "skipped": True, "stopped": verdict.reason}
+            row = {**report, **_evaluate(fed, run, number, run.global_flat)}
+            rows.append(_publish(fed, run, number, *_record(fed, run, rnd, row, report)))
+            break
+        if verdict is not None:
+            log.warning("round %d: %s", number, verdict.reason)
+            rnd.skipped_reason = verdict.reason
+        else:
+            replies = _exchange(fed, transport, rnd, run)
+            _aggregate(fed, rnd, run, replies)
+        if rnd.new_global is not None:
+            run.global_flat = rnd.new_global
+        rnd.metrics = _evaluate(fed, run, number, run.global_flat)
+        _revise(fed, rnd, run)
+        report = _outcome(rnd).report()
+        if verdict is None and not rnd.sampled and rnd.sample_note:
+            report["skipped_reason"] = rnd.sample_note
+        row: dict[str, Any] = {
+            "round": number,
+            "skipped": rnd.new_global is None,
+            **rnd.metrics,
+            "num-nodes": len(rnd.nodes),
+            "num-sampled": len(rnd.sampled),
+            "num-replies": len(rnd.replies),
+            "num-kept": len(_outcome(rnd).kept_nodes),
+            "aggregation-seconds": rnd.seconds,
+            "round-seconds": time.perf_counter() - t0,
+            **{k: v for k, v in rnd.info.items() if isinstance(v, float)},
+        }
+        rows.append(_publish(fed, run, number, *_record(fed, run, rnd, row, report)))
+        run.next_round = number + 1
+        if fed.checkpoint is not None:
+            fed.checkpoint(number, run)
+    return rows
+
+
+# -- the stages ----------------------------------------------------------------------
+def _sample(fed: Federation, transport: Transport, rnd: Round, run: RunState) -> Verdict | None:
+    """exclude -> wait for nodes -> draw the sample -> admit."""
+    excluded: set[int] = set()
+    for c in fed.components:
+        out, run.components[c.name] = c.exclude(rnd.number, run.components[c.name])
+        excluded |= out
+    plan = fed.plan
+    wanted = max(plan.min_clients, plan.clients_per_round, 1)
+    nodes = wait_for_nodes(transport.node_ids, wanted, timeout=plan.node_wait_timeout,
+                           rnd=rnd.number, excluded=excluded)
+    rnd.nodes = tuple(nodes)
+    if len(nodes) < plan.min_clients:
+        rnd.sample_note = (
+            f"only {len(nodes)} nodes connected after node-wait-timeout="
+            f"{plan.node_wait_timeout:.0f}s, fewer than min-clients={plan.min_clients}"
+        )
+        log.warning("round %d: %s: skipping round", rnd.number, rnd.sample_note)
+    else:
+        if plan.clients_per_round > len(nodes) and plan.sampling == "fixed":
+            log.warning("round %d: clients-per-round=%d but only %d nodes connected: sampling "
+                        "all of them", rnd.number, plan.clients_per_round, len(nodes))
+        gen = make_generator(derive_seed(fed.seed, "sample", rnd.number))
+        rnd.sampled = tuple(draw_sample(nodes, plan, gen))
+    verdict: Verdict | None = None
+    for c in fed.components:
+        v, run.components[c.name] = c.admit(rnd, run.components[c.name])
+        if verdict is None or (v is not None and v.action == "stop"):
+            verdict = v if v is not None else verdict
+    return verdict
+
+
+def _exchange(fed: Federation, transport: Transport, rnd: Round, run: RunState) -> list[Any]:
+    """Send the global model to the sampled nodes; decode the train replies."""
+    if not rnd.sampled:
+        return []
+    payload = Payload(
+        arrays={"arrays": fed.spec.unflatten(rnd.global_flat)},
+        configs={"config": {"server-round": rnd.number}},
+    )
+    owner = fed.owner("owns_exchange")
+    if owner is not None:
+        raw, run.components[owner.name] = owner.exchange(
+            rnd, transport, payload, fed.plan.round_timeout, run.components[owner.name]
+        )
+    else:
+        raw = transport.send("train", {n: payload for n in rnd.sampled},
+                             timeout=fed.plan.round_timeout)
+    replies = [decode_train_reply(r) for r in raw]
+    rnd.replies = tuple(replies)
+    return replies
+
+
+def _aggregate(fed: Federation, rnd: Round, run: RunState, replies: Sequence[Any]) -> None:
+    """validate -> stack -> server update -> transform -> aggregate -> post-process."""
+    t0 = time.perf_counter()
+    accepted, rejections = validate_replies(replies, fed.spec)
+    rnd.accepted = tuple(accepted)
+    rnd.rejections = rejections
+    answered = {r.node_id for r in replies}
+    missing = [
+        Rejection(n, -1, "timeout", "no reply within round-timeout (node lost or too slow)")
+        for n in sorted(set(rnd.sampled) - answered)
+    ]
+    try:
+        if len(accepted) < fed.plan.min_clients:
+            rnd.skipped_reason = too_few_message(len(accepted), fed.plan.min_clients)
+            return
+        g = rnd.global_flat.to(device=fed.device, dtype=torch.float64)
+        updates, weights = stack_updates(accepted, g, fed.spec)
+        states = run.components
+        for c in fed.components:
+            ref, states[c.name] = c.server_update(rnd, fed.load(rnd.global_flat), states[c.name])
+            rnd.server_update = ref if ref is not None else rnd.server_update
+        for c in fed.components:
+            updates, weights, states[c.name] = c.transform(rnd, updates, weights, states[c.name])
+        # on the aggregation device: noise and permutations are drawn where the updates are
+        gen = make_generator(derive_seed(fed.seed, "aggregate", rnd.number), device=fed.device)
+        owner = fed.owner("owns_aggregation")
+        try:
+            if owner is not None:
+                result, states[owner.name] = owner.aggregate(
+                    rnd, updates, weights, gen, states[owner.name])
+            else:
+                result = fed.rule(updates, weights, state=run.rule_state, generator=gen)
+                run.rule_state = result.state
+        except PreconditionError as exc:  # too few clients this round for the rule
+            rnd.skipped_reason = f"{exc}; the global model is unchanged"
+            return
+        rnd.rejections += rule_rejections(accepted, result, fed.rule.name)
+        update = result.update
+        for c in fed.components:
+            update, states[c.name] = c.post_aggregate(rnd, update, states[c.name])
+        rnd.result = result
+        rnd.info = round_info(result, accepted)
+        rnd.update_norm = float(update.norm())
+        rnd.new_global = (g + update).cpu()
+    finally:
+        rnd.rejections += missing
+        rnd.seconds = time.perf_counter() - t0
+
+
+def _evaluate(fed: Federation, run: RunState, number: int, flat: Tensor) -> dict[str, float]:
+    """Central evaluation of the model ``flat``, plus each component's metrics."""
+    model = fed.load(flat)
+    out = fed.evaluate(model)
+    for c in fed.components:
+        out.update(c.evaluate(number, model, run.components[c.name]))
+    return out
+
+
+def _revise(fed: Federation, rnd: Round, run: RunState) -> None:
+    """A component may replace the new global model after evaluation (rollback)."""
+    for c in fed.components:
+        flat, run.components[c.name] = c.revise(rnd, run.components[c.name])
+        if flat is not None:
+            log.warning("round %d: %s replaced the new global model", rnd.number, c.name)
+            run.global_flat = flat.to(device="cpu", dtype=torch.float64)
+            rnd.info[f"revised-by-{c.name}"] = 1.0
+
+
+def _outcome(rnd: Round) -> RoundOutcome:
+    kept = () if rnd.result is None else tuple(
+        rnd.accepted[int(i)].node_id for i in rnd.result.kept.tolist())
+    return RoundOutcome(
+        rnd.number, rnd.new_global, None, rnd.accepted, kept, tuple(rnd.rejections),
+        rnd.skipped_reason, rnd.seconds,
+        update_norm=rnd.update_norm, info=rnd.info,
+    )
+
+
+def _record(
+    fed: Federation, run: RunState, rnd: Round, row: dict[str, Any], report: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Components add their fields to the row and the report."""
+    for c in fed.components:
+        row_fields, report_fields, run.components[c.name] = c.record(
+            rnd, row, report, run.components[c.name])
+        row.update(row_fields)
+        report.update(report_fields)
+    if report.get("skipped_reason"):
+        row["skipped_reason"] = report["skipped_reason"]
+    return row, report
+
+
+def _publish(
+    fed: Federation, run: RunState, number: int, row: dict[str, Any],
+    report: dict[str, Any] | None,
+) -> dict[str, Any]:
+    for c in fed.components:
+        run.components[c.name] = c.publish(number, row, report, run.components[c.name])
+    return row

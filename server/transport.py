@@ -1,0 +1,71 @@
+"""The Flower side of the round loop: a :class:`~server.stages.Transport` over a ``Grid``.
+
+One of the few files that import Flower. It turns :class:`~server.rounds.Payload` values
+into Flower messages and replies back into :class:`~server.rounds.Reply` values; it
+holds no logic of the round. Every reply is attributed to the node its message was sent
+to (a reply names the message it answers), never to the sender it claims.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from .rounds import Payload, Reply
+
+__all__ = ["GridTransport"]
+
+
+class GridTransport:
+    """A :class:`~server.stages.Transport` over a Flower ``Grid``."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    def node_ids(self) -> list[int]:
+        return sorted(int(n) for n in self.grid.get_node_ids())
+
+    def send(
+        self, message_type: str, payloads: Mapping[int, Payload], *, timeout: float
+    ) -> list[Reply]:
+        records: dict[int, RecordDict] = {}  # one RecordDict per distinct payload object
+        messages = []
+        for node_id, payload in payloads.items():
+            content = records.get(id(payload))
+            if content is None:
+                content = records[id(payload)] = _encode(payload)
+            messages.append(Message(content=content, message_type=message_type,
+                                    dst_node_id=node_id))
+        # the grid writes each message's id in place when it sends it
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        return [_decode(m, sent_to) for m in replies]
+
+
+def _encode(payload: Payload) -> RecordDict:
+    out: dict[str, ArrayRecord | ConfigRecord] = {
+        name: ArrayRecord(dict(arrays)) for name, arrays in payload.arrays.items()
+    }
+    out.update({name: ConfigRecord(dict(cfg)) for name, cfg in payload.configs.items()})
+    return RecordDict(out)
+
+
+def _decode(msg: Message, sent_to: Mapping[str, int]) -> Reply:
+    """Never raises on bad content: a malformed reply is the client's fault, not ours."""
+    node = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+    if msg.has_error():
+        err = msg.error
+        return Reply(node, error=f"client error {err.code}: {err.reason}")
+    content = msg.content
+    try:
+        arrays = {k: rec.to_torch_state_dict() for k, rec in content.array_records.items()}
+    except Exception as exc:  # undecodable payloads
+        return Reply(node, error=f"undecodable arrays: {exc}")
+    return Reply(
+        node,
+        arrays=arrays,
+        metrics={k: dict(rec) for k, rec in content.metric_records.items()},
+        configs={k: dict(rec) for k, rec in content.config_records.items()},
+    )
