@@ -10,7 +10,7 @@ STAMP := $(VENV)/.fedshield-installed
 .PHONY: install demo test test-fast lint typecheck bench-quick clean
 
 $(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "fedshield needs Python 3.10+, found " + sys.version.split()[0] + ": set PYTHON=python3.x")'
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fedshield needs Python 3.11+ (Flower 1.40+ does), found " + sys.version.split()[0] + ": set PYTHON=python3.11 or newer")'
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -28,7 +28,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not deploy and not flower"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check aggregation server client simulations deploy tests
+	$(VENV)/bin/ruff check aggregation privacy runconfig server client simulations deploy tests
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -1,11 +1,13 @@
 """Robust aggregation for federated learning: pure torch maths over ``(n, d)`` update stacks.
 
-``n`` clients, ``f`` Byzantine, ``d`` parameters; an *update* is a delta (local weights
-minus the global weights the client received), one client per row. Every rule is a small
-function in :mod:`aggregation.rules` (pre-aggregation steps in :mod:`aggregation.pre`),
-registered by name and reached through :func:`get` / :func:`get_pre`; :func:`compose` puts
-steps in front of a rule. No Flower, no global RNG; output keeps the input's dtype and
-device.
+``n`` clients, ``f`` Byzantine, ``d`` parameters; an *update* is local weights minus the
+global weights the client received, one client per row. Every rule is a small function in
+:mod:`aggregation.rules` (pre-aggregation steps in :mod:`aggregation.pre`), registered by
+the one decorator line above it (:func:`~aggregation.catalog.register_rule`, which also
+declares its guarantees and whether central DP covers it) and reached through :func:`get` /
+:func:`get_pre`; :func:`compose` puts steps in front of a rule, named ``rule+step``. No
+Flower, no global RNG; output keeps the input's dtype and device. The tables below document
+the registered rules; adding a rule needs no edit here.
 
 Rules (``aggregation.get(name, **params)``)
 
@@ -74,8 +76,19 @@ tensor([0])
 
 from __future__ import annotations
 
+from . import pre as _pre  # noqa: F401  (registers the pre-aggregation steps)
+from . import rules as _rules  # noqa: F401  (registers the rules)
 from ._types import AggregationResult, Aggregator, PreAggregator, PreAggResult, PreconditionError
-from .catalog import PRE_AGGREGATORS, RULES, get, get_pre, names, pre_names
+from .catalog import (
+    PRE_AGGREGATORS,
+    RULES,
+    central_dp_refusal,
+    dp_compatible_steps,
+    get,
+    get_pre,
+    names,
+    pre_names,
+)
 from .compose import compose
 from .registry import Registry, check_params, derive_seed, make_generator
 
@@ -88,9 +101,11 @@ __all__ = [
     "PreAggregator",
     "PreconditionError",
     "Registry",
+    "central_dp_refusal",
     "check_params",
     "compose",
     "derive_seed",
+    "dp_compatible_steps",
     "get",
     "get_pre",
     "make_generator",

@@ -1,11 +1,24 @@
-"""The registered rules and pre-aggregation steps, and the thin objects that wrap them.
+"""How components are registered: one function, one registration line next to it.
 
-A registry entry is a *factory*: it takes the hyperparameters as keywords, checks them,
-and returns a :class:`Rule` (or :class:`PreStep`) holding them. The object's ``__call__``
-validates the input and calls the module-level function in :mod:`aggregation.rules` /
-:mod:`aggregation.pre`; it holds no maths.
+A registry entry is a :class:`Factory`: called with a component's hyperparameters as
+keywords (through :meth:`~aggregation.registry.Registry.build`), it checks them and returns
+the component with them bound. It is built from the component's own function, so adding a
+component is writing that function and one decorator above it:
 
-Declared properties (used by the contract tests and by :func:`aggregation.compose`):
+- :func:`register_rule` / :func:`register_pre` for aggregation rules
+  (:mod:`aggregation.rules`) and pre-aggregation steps (:mod:`aggregation.pre`), which also
+  declare their guarantees;
+- :func:`register_function` for a function whose keyword-only parameters are its
+  hyperparameters (partitioners, models, evasion attacks): ``build`` returns the function
+  with them bound;
+- the attack registries in ``client.poisoning`` and ``simulations.attacks`` use
+  :class:`Factory` the same way.
+
+The rule objects (:class:`Rule`, :class:`PreStep`) validate the input and call the
+registered function; they hold no maths.
+
+Declared properties (used by the contract tests, by :func:`aggregation.compose` and by
+central DP):
 
 ``equivariances``
     ``"translation"``: ``A(x + t) = A(x) + t``; ``"scale"``: ``A(c x) = c A(x)`` for
@@ -18,43 +31,266 @@ Declared properties (used by the contract tests and by :func:`aggregation.compos
 ``preserves`` (pre-aggregation steps)
     The same names, meaning the step keeps the property of whatever rule follows it
     (``"permutation_invariant"``: the step commutes with reordering the clients).
+``dp_compatible`` / ``why_not_dp``
+    Whether the central-DP calibration (noise for the sensitivity ``C / m`` of the
+    unweighted mean of clipped updates) covers the rule or step, and if not why: see
+    :func:`central_dp_refusal`. A component that does not declare it is refused.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor
 
-from . import pre as _pre
-from . import rules as _rules
 from ._checks import check_inputs, check_int, check_real
 from ._types import AggregationResult, Aggregator, PreAggregator, PreAggResult
-from .registry import Registry, check_params
+from .registry import Registry
 
 __all__ = [
     "PRE_AGGREGATORS",
     "RULES",
+    "Check",
+    "Factory",
     "PreStep",
     "Rule",
+    "Traits",
+    "boolean",
+    "central_dp_refusal",
+    "dp_compatible_steps",
     "get",
     "get_pre",
+    "integer",
     "names",
+    "optional",
     "pre_names",
+    "real",
+    "register_function",
+    "register_pre",
+    "register_rule",
 ]
 
-_TS = frozenset({"translation", "scale"})
-_ALL = frozenset({"permutation_invariant", "unanimous", "within_bounds"})
+C = TypeVar("C")
+F = TypeVar("F", bound=Callable[..., Any])
+
+Check = Callable[[str, str, Any], Any]
+"""``check(component, param, value)`` returns the value to bind, or raises ``TypeError`` /
+``ValueError`` naming the component, the parameter and the value."""
+
+TS = frozenset({"translation", "scale"})
+ALL = frozenset({"permutation_invariant", "unanimous", "within_bounds"})
+
+
+# ---------------------------------------------------------------------------------------
+# hyperparameter checks
+
+
+def integer(minimum: int) -> Check:
+    """An int (not a bool) ``>= minimum``."""
+    def check(component: str, param: str, value: Any) -> int:
+        return check_int(component, param, value, minimum=minimum)
+    return check
+
+
+def real(minimum: float = -math.inf, *, strict: bool = False) -> Check:
+    """A finite real ``>= minimum`` (``>`` if ``strict``), bound as a float."""
+    def check(component: str, param: str, value: Any) -> float:
+        return check_real(component, param, value, minimum=minimum, strict=strict)
+    return check
+
+
+def optional(inner: Check) -> Check:
+    """``None``, or a value that passes ``inner``."""
+    def check(component: str, param: str, value: Any) -> Any:
+        return None if value is None else inner(component, param, value)
+    return check
+
+
+def boolean(component: str, param: str, value: Any) -> bool:
+    """``True`` or ``False`` (not 0 / 1)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{component}: {param} must be True or False, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# the registry entry
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What a registered rule or pre-aggregation step declares about itself.
+
+    Attributes
+    ----------
+    equivariances
+        See :mod:`aggregation.catalog`.
+    properties
+        For a rule, the properties it has; for a step, those it preserves.
+    dp_compatible
+        Whether the central-DP calibration for the unweighted mean of clipped updates
+        covers it.
+    why_not_dp
+        Why not, when it does not (empty when it does).
+    """
+
+    equivariances: frozenset[str]
+    properties: frozenset[str]
+    dp_compatible: bool = False
+    why_not_dp: str = ""
+
+
+class Factory(Generic[C]):
+    """A registry entry: called with a component's hyperparameters, returns the component.
+
+    The hyperparameters are ``fn``'s keyword-only parameters except the ``runtime`` ones
+    (supplied on every call, e.g. ``generator``), with ``fn``'s defaults, followed by
+    ``extra`` (parameters of the component that ``fn`` does not take, e.g.
+    ``use_weights``). ``inspect.signature(factory)`` shows exactly these, so
+    :meth:`~aggregation.registry.Registry.build` refuses an unknown or a missing one. On a
+    call every value (given or default) passes its check from ``params``, then ``validate``
+    sees them all, then ``make`` builds the component from them.
+
+    Parameters
+    ----------
+    name
+        Registered name, used in error messages.
+    fn
+        The component's function.
+    make
+        ``make(params) -> component`` with the checked hyperparameters, in signature order.
+    params
+        A check per hyperparameter (those without one are bound as given).
+    runtime
+        Keyword-only parameters of ``fn`` that are not hyperparameters.
+    extra
+        Keyword-only :class:`inspect.Parameter` s appended to the hyperparameters.
+    validate
+        A check across several hyperparameters (e.g. "not both").
+    traits
+        Declared properties (rules and pre-aggregation steps).
+
+    Raises
+    ------
+    ValueError
+        If ``params`` checks a parameter that is not a hyperparameter (a registration bug).
+
+    Examples
+    --------
+    >>> def scale(x: float, *, by: float = 2.0) -> float:
+    ...     return by * x
+    >>> factory = Factory("scale", scale, lambda p: functools.partial(scale, **p),
+    ...                   params={"by": real(0.0, strict=True)})
+    >>> inspect.signature(factory)
+    <Signature (*, by: 'float' = 2.0)>
+    >>> factory(by=3)(1.5)
+    4.5
+    >>> factory(by=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: scale: by must be > 0, got by=0
+    """
+
+    def __init__(self, name: str, fn: Callable[..., Any], make: Callable[[dict[str, Any]], C],
+                 *, params: Mapping[str, Check] | None = None, runtime: Collection[str] = (),
+                 extra: Sequence[inspect.Parameter] = (),
+                 validate: Callable[[Mapping[str, Any]], None] | None = None,
+                 traits: Traits | None = None) -> None:
+        keyword_only = inspect.Parameter.KEYWORD_ONLY
+        hyper = [p for p in inspect.signature(fn).parameters.values()
+                 if p.kind is keyword_only and p.name not in runtime]
+        self.__signature__ = inspect.Signature([*hyper, *extra])
+        checks = dict(params or {})
+        stray = sorted(set(checks) - set(self.__signature__.parameters))
+        if stray:
+            raise ValueError(
+                f"{name}: checks given for {stray}, which are not hyperparameters of "
+                f"{getattr(fn, '__name__', fn)!r}; its hyperparameters: "
+                f"{', '.join(self.__signature__.parameters) or '(none)'}"
+            )
+        self.name = name
+        self.fn = fn
+        self.traits = traits
+        self.checks: Mapping[str, Check] = MappingProxyType(checks)
+        self._make = make
+        self._validate = validate
+
+    @property
+    def hyperparameters(self) -> list[str]:
+        """Names of the hyperparameters, in order."""
+        return list(self.__signature__.parameters)
+
+    def __call__(self, **params: Any) -> C:
+        """The component with hyperparameters ``params`` (defaults for the others).
+
+        Raises
+        ------
+        TypeError
+            Unknown or missing hyperparameter, or one of the wrong type.
+        ValueError
+            A hyperparameter out of range.
+        """
+        try:
+            self.__signature__.bind(**params)
+        except TypeError as exc:
+            raise TypeError(
+                f"{self.name}: {exc}; valid parameters: {', '.join(self.hyperparameters)}"
+            ) from None
+        bound: dict[str, Any] = {}
+        for p in self.__signature__.parameters.values():
+            value = params.get(p.name, p.default)
+            check = self.checks.get(p.name)
+            bound[p.name] = value if check is None else check(self.name, p.name, value)
+        if self._validate is not None:
+            self._validate(bound)
+        return self._make(bound)
+
+    def __repr__(self) -> str:
+        return f"Factory({self.name!r}{str(self.__signature__)})"
+
+
+def register_function(registry: Registry[Factory[Callable[..., Any]]], name: str, *,
+                      params: Mapping[str, Check] | None = None,
+                      runtime: Collection[str] = ()) -> Callable[[F], F]:
+    """Register the decorated function so that ``registry.build(name, **hyper)`` returns it
+    with its keyword-only hyperparameters bound (a :func:`functools.partial`).
+
+    The function itself is returned unchanged, so it can still be called directly.
+
+    Examples
+    --------
+    >>> reg: Registry[Factory[Callable[..., Any]]] = Registry("kernel")
+    >>> @register_function(reg, "power")
+    ... def power(x: float, /, *, p: int = 2) -> float:
+    ...     return x ** p
+    >>> reg.build("power", p=3)(2.0)
+    8.0
+    >>> power(3.0)
+    9.0
+    """
+    def decorator(fn: F) -> F:
+        registry.register(name)(Factory(name, fn, lambda p: functools.partial(fn, **p),
+                                        params=params, runtime=runtime))
+        return fn
+    return decorator
+
+
+# ---------------------------------------------------------------------------------------
+# rules and pre-aggregation steps
 
 
 class Rule:
     """A registered aggregation rule with its hyperparameters bound.
 
-    Not constructed directly: use :func:`aggregation.get`.
+    Not constructed directly: use :func:`aggregation.get`; registered with
+    :func:`register_rule`.
 
     Attributes
     ----------
@@ -133,7 +369,8 @@ class Rule:
 class PreStep:
     """A registered pre-aggregation step with its hyperparameters bound.
 
-    Not constructed directly: use :func:`aggregation.get_pre`.
+    Not constructed directly: use :func:`aggregation.get_pre`; registered with
+    :func:`register_pre`.
 
     Attributes
     ----------
@@ -172,128 +409,125 @@ class PreStep:
         return f"PreStep({self.name!r}{', ' if shown else ''}{shown})"
 
 
-RULES: Registry[Callable[..., Aggregator]] = Registry("aggregator")
-PRE_AGGREGATORS: Registry[Callable[..., PreAggregator]] = Registry("pre-aggregator")
+RULES: Registry[Factory[Rule]] = Registry("aggregator")
+PRE_AGGREGATORS: Registry[Factory[PreStep]] = Registry("pre-aggregator")
+
+StateInit = Callable[[int, torch.dtype, torch.device | str], Tensor]
+"""``init(d, dtype, device)``: the first state of a stateful rule."""
 
 
-def _check_bool(rule: str, param: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{rule}: {param} must be True or False, got {value!r}")
-    return value
+def _traits(name: str, equivariances: frozenset[str], properties: frozenset[str],
+            dp_compatible: bool, why_not_dp: str) -> Traits:
+    if dp_compatible and why_not_dp:
+        raise ValueError(f"{name}: why_not_dp is for components that are not dp_compatible")
+    if not dp_compatible and not why_not_dp:
+        why_not_dp = f"{name} has no sensitivity analysis here"
+    return Traits(frozenset(equivariances), frozenset(properties), dp_compatible, why_not_dp)
 
 
-def _optional_int(rule: str, param: str, value: object, *, minimum: int) -> int | None:
-    return None if value is None else check_int(rule, param, value, minimum=minimum)
-
-
-@RULES.register("mean")
-def _mean(*, max_weight_ratio: float | None = None, use_weights: bool = True) -> Rule:
-    if max_weight_ratio is not None:
-        check_real("mean", "max_weight_ratio", max_weight_ratio, minimum=1.0)
-    return Rule("mean", _rules.mean, {"max_weight_ratio": max_weight_ratio},
-                use_weights=_check_bool("mean", "use_weights", use_weights),
-                equivariances=_TS, properties=_ALL)
-
-
-@RULES.register("median")
-def _median() -> Rule:
-    return Rule("median", _rules.median, {}, use_weights=False, equivariances=_TS,
-                properties=_ALL)
-
-
-@RULES.register("trimmed_mean")
-def _trimmed_mean(*, f: int) -> Rule:
-    return Rule("trimmed_mean", _rules.trimmed_mean,
-                {"f": check_int("trimmed_mean", "f", f, minimum=0)},
-                use_weights=False, equivariances=_TS, properties=_ALL)
-
-
-@RULES.register("krum")
-def _krum(*, f: int) -> Rule:
-    return Rule("krum", _rules.krum, {"f": check_int("krum", "f", f, minimum=0)},
-                use_weights=False, equivariances=_TS, properties=_ALL)
-
-
-@RULES.register("multi_krum")
-def _multi_krum(*, f: int, m: int | None = None, use_weights: bool = False) -> Rule:
-    return Rule("multi_krum", _rules.multi_krum,
-                {"f": check_int("multi_krum", "f", f, minimum=0),
-                 "m": _optional_int("multi_krum", "m", m, minimum=1)},
-                use_weights=_check_bool("multi_krum", "use_weights", use_weights),
-                equivariances=_TS, properties=_ALL)
-
-
-@RULES.register("bulyan")
-def _bulyan(*, f: int) -> Rule:
-    return Rule("bulyan", _rules.bulyan, {"f": check_int("bulyan", "f", f, minimum=0)},
-                use_weights=False, equivariances=_TS, properties=_ALL)
-
-
-@RULES.register("geometric_median")
-def _geometric_median(*, nu: float = 1e-6, iters: int = 100, tol: float = 1e-6,
-                      use_weights: bool = False) -> Rule:
-    name = "geometric_median"
-    return Rule(name, _rules.geometric_median,
-                {"nu": check_real(name, "nu", nu, minimum=0.0, strict=True),
-                 "iters": check_int(name, "iters", iters, minimum=1),
-                 "tol": check_real(name, "tol", tol, minimum=0.0)},
-                use_weights=_check_bool(name, "use_weights", use_weights),
-                equivariances=frozenset({"translation"}), properties=_ALL)
-
-
-def _zeros(d: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
-    return torch.zeros(d, dtype=dtype, device=device)
-
-
-@RULES.register("centered_clipping")
-def _centered_clipping(*, tau: float, iters: int = 1, use_weights: bool = False) -> Rule:
-    name = "centered_clipping"
-    return Rule(name, _rules.centered_clipping,
-                {"tau": check_real(name, "tau", tau, minimum=0.0, strict=True),
-                 "iters": check_int(name, "iters", iters, minimum=1)},
-                use_weights=_check_bool(name, "use_weights", use_weights),
-                # translation equivariant only if the state is translated too
-                equivariances=frozenset(), properties=frozenset({"permutation_invariant"}),
-                state_arg="center", init=_zeros)
-
-
-@PRE_AGGREGATORS.register("norm_clip")
-def _norm_clip(*, max_norm: float) -> PreStep:
-    return PreStep("norm_clip", _pre.norm_clip,
-                   {"max_norm": check_real("norm_clip", "max_norm", max_norm, minimum=0.0,
-                                           strict=True)},
-                   random=False, equivariances=frozenset(),
-                   preserves=frozenset({"permutation_invariant"}))
-
-
-@PRE_AGGREGATORS.register("bucketing")
-def _bucketing(*, s: int = 2) -> PreStep:
-    return PreStep("bucketing", _pre.bucketing, {"s": check_int("bucketing", "s", s, minimum=1)},
-                   random=True, equivariances=_TS,
-                   preserves=frozenset({"unanimous", "within_bounds"}))
-
-
-@PRE_AGGREGATORS.register("nnm")
-def _nnm(*, f: int) -> PreStep:
-    return PreStep("nnm", _pre.nnm, {"f": check_int("nnm", "f", f, minimum=0)},
-                   random=False, equivariances=_TS, preserves=_ALL)
-
-
-def _build(registry: Registry[Callable[..., Any]], name: str, params: Mapping[str, Any]) -> Any:
-    factory = registry.get(name)
-    check_params(registry.kind, name, factory, params)
-    sig = inspect.signature(factory)
-    missing = [
-        p.name for p in sig.parameters.values()
-        if p.default is inspect.Parameter.empty and p.name not in params
-        and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    ]
-    if missing:
-        raise TypeError(
-            f"{registry.kind} {name!r} needs parameter(s) {', '.join(map(repr, missing))}; "
-            f"valid parameters: {', '.join(sig.parameters)}"
+def _all_checked(name: str, factory: Factory[Any], skip: Collection[str] = ()) -> None:
+    unchecked = [p for p in factory.hyperparameters if p not in factory.checks and p not in skip]
+    if unchecked:
+        raise ValueError(
+            f"{name}: declare a check for hyperparameter(s) {unchecked} (e.g. "
+            f"params={{{unchecked[0]!r}: integer(0)}}) so that a bad value fails when the "
+            "rule is built, not in the middle of a round"
         )
-    return factory(**params)
+
+
+def register_rule(name: str, *, params: Mapping[str, Check] | None = None,
+                  use_weights: bool | None = None,
+                  state: tuple[str, StateInit] | None = None,
+                  equivariances: frozenset[str], properties: frozenset[str],
+                  dp_compatible: bool = False, why_not_dp: str = "") -> Callable[[F], F]:
+    """Register the decorated function ``fn(updates, weights=None, *, hyper...)`` as the
+    aggregation rule ``name``; the function is returned unchanged.
+
+    ``aggregation.get(name, **hyper)`` then returns a :class:`Rule` with the
+    hyperparameters (``fn``'s keyword-only parameters) checked and bound.
+
+    Parameters
+    ----------
+    name
+        The name configs use.
+    params
+        A check for every hyperparameter (:func:`integer`, :func:`real`, :func:`optional`,
+        ...), so a bad value fails when the rule is built.
+    use_weights
+        ``None``: the rule has no weighted form (weights are validated, then ignored, and
+        there is no ``use_weights`` hyperparameter). ``True`` / ``False``: the default of
+        the ``use_weights`` hyperparameter, which decides whether weights reach ``fn``.
+    state
+        ``(arg, init)`` for a stateful rule: ``fn``'s keyword that receives the state and
+        ``init(d, dtype, device)`` giving the first one.
+    equivariances, properties
+        Declared guarantees, checked by the contract tests (see the module docstring).
+    dp_compatible, why_not_dp
+        Whether central DP's calibration covers the rule, and if not why (one sentence,
+        shown to the user).
+
+    Raises
+    ------
+    ValueError
+        At registration: a duplicate name, a hyperparameter without a check, or
+        inconsistent declarations.
+    """
+    def decorator(fn: F) -> F:
+        runtime = () if state is None else (state[0],)
+        state_arg, init = (None, None) if state is None else state
+        extra = [] if use_weights is None else [
+            inspect.Parameter("use_weights", inspect.Parameter.KEYWORD_ONLY,
+                              default=use_weights, annotation="bool")]
+        traits = _traits(name, equivariances, properties, dp_compatible, why_not_dp)
+
+        def make(p: dict[str, Any]) -> Rule:
+            weighted = bool(p.pop("use_weights", False))
+            return Rule(name, fn, p, use_weights=weighted, equivariances=traits.equivariances,
+                        properties=traits.properties, state_arg=state_arg, init=init)
+
+        checks = dict(params or {})
+        if use_weights is not None:
+            checks["use_weights"] = boolean
+        factory = Factory(name, fn, make, params=checks, runtime=runtime, extra=extra,
+                          traits=traits)
+        _all_checked(name, factory)
+        RULES.register(name)(factory)
+        return fn
+    return decorator
+
+
+def register_pre(name: str, *, params: Mapping[str, Check] | None = None,
+                 equivariances: frozenset[str], preserves: frozenset[str],
+                 dp_compatible: bool = False, why_not_dp: str = "") -> Callable[[F], F]:
+    """Register the decorated function ``fn(updates, weights=None, *, hyper...)`` as the
+    pre-aggregation step ``name``; the function is returned unchanged.
+
+    A function with a keyword-only ``generator`` is random: the step passes the generator
+    it is called with.
+
+    Parameters
+    ----------
+    params
+        A check for every hyperparameter.
+    equivariances, preserves
+        Declared guarantees (see the module docstring).
+    dp_compatible, why_not_dp
+        As for :func:`register_rule`: whether central DP may run after this step.
+    """
+    def decorator(fn: F) -> F:
+        random = "generator" in inspect.signature(fn).parameters
+        traits = _traits(name, equivariances, preserves, dp_compatible, why_not_dp)
+
+        def make(p: dict[str, Any]) -> PreStep:
+            return PreStep(name, fn, p, random=random, equivariances=traits.equivariances,
+                           preserves=traits.properties)
+
+        factory = Factory(name, fn, make, params=params,
+                          runtime=("generator",) if random else (), traits=traits)
+        _all_checked(name, factory)
+        PRE_AGGREGATORS.register(name)(factory)
+        return fn
+    return decorator
 
 
 def names() -> list[str]:
@@ -324,7 +558,7 @@ def get(name: str, **params: Any) -> Aggregator:
     >>> aggregation.get("krum", f=1)
     Rule('krum', f=1, use_weights=False)
     """
-    rule: Aggregator = _build(RULES, name, params)
+    rule: Aggregator = RULES.build(name, **params)
     return rule
 
 
@@ -346,5 +580,41 @@ def get_pre(name: str, **params: Any) -> PreAggregator:
     >>> aggregation.get_pre("bucketing", s=2)
     PreStep('bucketing', s=2)
     """
-    step: PreAggregator = _build(PRE_AGGREGATORS, name, params)
+    step: PreAggregator = PRE_AGGREGATORS.build(name, **params)
     return step
+
+
+def _declared(factory: Factory[Any]) -> Traits:
+    if factory.traits is None:  # every rule and step is registered with traits
+        raise RuntimeError(f"{factory.name} was registered without traits")
+    return factory.traits
+
+
+def central_dp_refusal(rule: str) -> str | None:
+    """Why central DP's calibration does not cover the rule ``rule``; ``None`` if it does.
+
+    Raises
+    ------
+    KeyError
+        Unknown rule (the message lists the valid names and the closest match).
+
+    Examples
+    --------
+    >>> central_dp_refusal("mean") is None
+    True
+    >>> print(central_dp_refusal("krum"))
+    Krum selects one client's update: ...
+    """
+    traits = _declared(RULES.get(rule))
+    return None if traits.dp_compatible else traits.why_not_dp
+
+
+def dp_compatible_steps() -> list[str]:
+    """Sorted names of the pre-aggregation steps central DP may follow.
+
+    Examples
+    --------
+    >>> dp_compatible_steps()
+    ['norm_clip']
+    """
+    return [n for n in PRE_AGGREGATORS.names() if _declared(PRE_AGGREGATORS.get(n)).dp_compatible]

@@ -34,8 +34,8 @@ class Composed:
 
     @property
     def name(self) -> str:
-        """``step+step+rule``, in the order they run."""
-        return "+".join([p.name for p in self.pre] + [self.rule.name])
+        """``rule+step+step``: the rule, then its steps in the order they run."""
+        return "+".join([self.rule.name] + [p.name for p in self.pre])
 
     @property
     def stateful(self) -> bool:
@@ -109,7 +109,8 @@ class Composed:
 def compose(rule: Aggregator, pre: Sequence[PreAggregator]) -> Aggregator:
     """Run the pre-aggregation steps ``pre`` (in order) in front of ``rule``.
 
-    The result is an :class:`Aggregator`: its ``stateful`` and ``init_state`` are the
+    The result is an :class:`Aggregator` named ``rule+step+...`` (the way configs and the
+    bench write it, e.g. ``krum+bucketing``): its ``stateful`` and ``init_state`` are the
     rule's, its ``kept`` are the *original* client indices behind the rows the rule kept
     (the union of those rows' ``members``, sorted), and it declares the equivariances and
     properties that the rule declares and every step preserves. With an empty ``pre`` the
@@ -139,7 +140,7 @@ def compose(rule: Aggregator, pre: Sequence[PreAggregator]) -> Aggregator:
     >>> g = aggregation.make_generator(0)
     >>> res = agg(torch.randn(14, 3, generator=g), generator=g)
     >>> agg.name, len(res.kept)
-    ('bucketing+krum', 2)
+    ('krum+bucketing', 2)
     """
     if not isinstance(pre, Sequence) or isinstance(pre, (str, bytes)):
         raise TypeError(

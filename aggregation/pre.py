@@ -3,6 +3,8 @@
 A step runs before an aggregation rule (see :func:`aggregation.compose`). Each returns a
 :class:`~aggregation.PreAggResult` whose ``members`` ``(n', n)`` records which original
 clients stand behind each new row, so that the rule's ``kept`` maps back to clients.
+A step is registered by the :func:`~aggregation.catalog.register_pre` line above its
+function.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import Tensor
 
 from ._checks import check_inputs, check_int, check_real, pairwise_sq_distances, row_norms
 from ._types import PreAggResult, PreconditionError
+from .catalog import ALL, TS, integer, real, register_pre
 
 __all__ = ["bucketing", "nnm", "norm_clip"]
 
@@ -23,6 +26,8 @@ def _identity_members(updates: Tensor) -> Tensor:
     return torch.eye(n, dtype=torch.bool, device=updates.device)
 
 
+@register_pre("norm_clip", params={"max_norm": real(0.0, strict=True)}, equivariances=frozenset(),
+              preserves=frozenset({"permutation_invariant"}), dp_compatible=True)
 def norm_clip(updates: Tensor, weights: Tensor | None = None, *,
               max_norm: float) -> PreAggResult:
     r"""Clip every update to Euclidean norm at most ``max_norm`` [Abadi et al., 2016].
@@ -64,7 +69,11 @@ def norm_clip(updates: Tensor, weights: Tensor | None = None, *,
                         members=_identity_members(updates))
 
 
-def bucketing(updates: Tensor, weights: Tensor | None = None, *, s: int,
+@register_pre("bucketing", params={"s": integer(1)}, equivariances=TS,
+              preserves=frozenset({"unanimous", "within_bounds"}),
+              why_not_dp="bucketing averages several clients into each row, so one client "
+                         "affects more than its own clipped update")
+def bucketing(updates: Tensor, weights: Tensor | None = None, *, s: int = 2,
               generator: torch.Generator | None) -> PreAggResult:
     r"""Random bucketing [Karimireddy, He & Jaggi, ICLR 2022].
 
@@ -89,7 +98,7 @@ def bucketing(updates: Tensor, weights: Tensor | None = None, *, s: int,
     weights
         ``(n,)`` or ``None``.
     s
-        Bucket size ``s >= 1`` (``s = 1`` only permutes).
+        Bucket size ``s >= 1`` (``s = 1`` only permutes); default 2.
     generator
         Required: the source of the permutation (randomness is an argument; the global
         RNG is never used). On any device; the permutation is moved to the updates.
@@ -140,6 +149,9 @@ def bucketing(updates: Tensor, weights: Tensor | None = None, *, s: int,
     return PreAggResult(updates=rows, weights=w_sum, members=members)
 
 
+@register_pre("nnm", params={"f": integer(0)}, equivariances=TS, preserves=ALL,
+              why_not_dp="nearest-neighbour mixing puts one client into several rows, so it "
+                         "affects more than its own clipped update")
 def nnm(updates: Tensor, weights: Tensor | None = None, *, f: int) -> PreAggResult:
     r"""Nearest-neighbour mixing, NNM [Allouah et al., AISTATS 2023].
 

@@ -1,5 +1,8 @@
 """Name registries and seed derivation shared by every fedshield package.
 
+Run configs are not read here: :mod:`runconfig` parses them, and a component is built
+from its parsed spec with :meth:`Registry.build`.
+
 Every component (aggregator, pre-aggregator, attack, dataset, partitioner, model) is
 registered by name. Configs refer to names; an unknown name raises with the valid names
 and the closest match, and an unknown hyperparameter raises with the accepted ones.
@@ -20,8 +23,7 @@ __all__ = [
     "check_params",
     "derive_seed",
     "make_generator",
-    "parse_params",
-    "resolve_object",
+    "unknown_name_message",
 ]
 
 T = TypeVar("T")
@@ -204,115 +206,3 @@ def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Gener
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
-
-
-def parse_params(text: str, *, what: str = "parameters") -> dict[str, Any]:
-    """Parse ``"f=2, m=5, mode='reverse'"`` into ``{"f": 2, "m": 5, "mode": "reverse"}``.
-
-    Values are Python literals (numbers, booleans, quoted strings, tuples, ``None``); a bare
-    word that is not a literal is taken as a string. Separators are commas or whitespace.
-    This is how a flat run config (Flower allows only scalars) carries a component's
-    hyperparameters.
-
-    Raises
-    ------
-    ValueError
-        If an item is not ``key=value`` or a key repeats.
-
-    Examples
-    --------
-    >>> parse_params("f=2, m=5 mode=reverse")
-    {'f': 2, 'm': 5, 'mode': 'reverse'}
-    >>> parse_params("")
-    {}
-    """
-    import ast
-    import re
-
-    out: dict[str, Any] = {}
-    text = text.strip()
-    if not text:
-        return out
-    # key=value where value is a bracketed literal, a quoted string or a bare token
-    pattern = re.compile(
-        r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"
-        r"(\([^()]*\)|\[[^\[\]]*\]|'[^']*'|\"[^\"]*\"|[^\s,]+)\s*(?:,|\s|$)"
-    )
-    pos = 0
-    while pos < len(text):
-        m = pattern.match(text, pos)
-        if m is None or m.end() == pos:
-            raise ValueError(
-                f"cannot parse {what} {text!r} at {text[pos:]!r}: write key=value pairs "
-                f"separated by commas, e.g. \"f=2, m=5\""
-            )
-        key, raw = m.group(1), m.group(2)
-        if key in out:
-            raise ValueError(f"{what} {text!r} sets {key!r} twice")
-        try:
-            value: Any = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        out[key] = value
-        pos = m.end()
-    return out
-
-
-def resolve_object(path: str) -> Any:
-    """Import ``"package.module:attribute"`` and return the attribute.
-
-    Raises
-    ------
-    ValueError
-        If ``path`` is not of the form ``module:attribute`` or cannot be imported.
-    """
-    import importlib
-
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"expected 'package.module:attribute', got {path!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import module {module_name!r} named in {path!r}: {exc}") from exc
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ValueError(f"module {module_name!r} has no attribute {attr!r} ({path!r})") from None
-
-
-_KINDS: dict[type, tuple[type, ...]] = {
-    bool: (bool,),
-    int: (int,),
-    float: (int, float),
-    str: (str,),
-}
-
-
-def config_value(config: Mapping[str, Any], key: str, kind: type[T]) -> T:
-    """Read ``config[key]`` as ``kind`` (bool, int, float or str), refusing a wrong type.
-
-    Flower run configs are flat ``str -> scalar`` mappings; a missing key or a value of the
-    wrong type is a configuration error, reported with the key and the fix.
-
-    Raises
-    ------
-    KeyError
-        If the key is absent.
-    TypeError
-        If the value has the wrong type (an int is accepted for a float, a bool is never
-        accepted for a number).
-    """
-    if key not in config:
-        raise KeyError(
-            f"run config has no key {key!r}; add it to [tool.flwr.app.config] in "
-            f"pyproject.toml or pass it with --run-config \"{key}=...\""
-        )
-    value = config[key]
-    ok = isinstance(value, _KINDS[kind]) and not (kind is not bool and isinstance(value, bool))
-    if not ok:
-        raise TypeError(
-            f"run config key {key!r} must be {kind.__name__}, got "
-            f"{type(value).__name__} {value!r}"
-        )
-    return kind(value)  # type: ignore[call-arg]

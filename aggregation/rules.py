@@ -6,6 +6,11 @@ clients, ...), and returns an :class:`~aggregation.AggregationResult`. Rules wit
 weighted form refuse weights (the registry's rule objects pass ``None`` to them unless
 constructed with ``use_weights=True``). Inputs are validated by one shared helper; every
 precondition raises ``ValueError`` naming the rule, the values and the fix.
+
+A rule is registered by the :func:`~aggregation.catalog.register_rule` line above its
+function: the name configs use, a check per hyperparameter, how it treats weights and
+state, the guarantees it declares and whether central DP covers it. Adding a rule is
+writing the function and that line; nothing else needs editing.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from ._checks import (
     row_norms,
 )
 from ._types import AggregationResult, PreconditionError
+from .catalog import ALL, TS, integer, optional, real, register_rule
 
 __all__ = [
     "bulyan",
@@ -77,6 +83,8 @@ def coordinate_median(x: Tensor) -> Tensor:
     return lower / 2 + upper / 2
 
 
+@register_rule("mean", params={"max_weight_ratio": optional(real(1.0))}, use_weights=True,
+               equivariances=TS, properties=ALL, dp_compatible=True)
 def mean(updates: Tensor, weights: Tensor | None = None, *,
          max_weight_ratio: float | None = None) -> AggregationResult:
     r"""Weighted mean of the updates, FedAvg [McMahan et al., 2017].
@@ -136,6 +144,9 @@ def mean(updates: Tensor, weights: Tensor | None = None, *,
                              kept=_positive(p), info={"weights": p})
 
 
+@register_rule("median", equivariances=TS, properties=ALL,
+               why_not_dp="the coordinate-wise median's sensitivity depends on the other "
+                          "clients' values and is not bounded by C/m")
 def median(updates: Tensor, weights: Tensor | None = None) -> AggregationResult:
     r"""Coordinate-wise median [Yin et al., 2018].
 
@@ -172,6 +183,9 @@ def median(updates: Tensor, weights: Tensor | None = None) -> AggregationResult:
                              kept=_all_kept(updates))
 
 
+@register_rule("trimmed_mean", params={"f": integer(0)}, equivariances=TS, properties=ALL,
+               why_not_dp="which values are trimmed depends on the other clients, so one "
+                          "client moves the result by more than C/m")
 def trimmed_mean(updates: Tensor, weights: Tensor | None = None, *, f: int) -> AggregationResult:
     r"""Coordinate-wise trimmed mean [Yin et al., 2018].
 
@@ -225,6 +239,9 @@ def _check_krum_n(rule: str, n: int, f: int) -> None:
         )
 
 
+@register_rule("krum", params={"f": integer(0)}, equivariances=TS, properties=ALL,
+               why_not_dp="Krum selects one client's update: one client can change the "
+                          "selection, moving the output by up to 2C, not C/m")
 def krum(updates: Tensor, weights: Tensor | None = None, *, f: int) -> AggregationResult:
     r"""Krum [Blanchard et al., 2017]: the update closest to its ``n - f - 2`` neighbours.
 
@@ -279,6 +296,10 @@ def krum(updates: Tensor, weights: Tensor | None = None, *, f: int) -> Aggregati
     )
 
 
+@register_rule("multi_krum", params={"f": integer(0), "m": optional(integer(1))},
+               use_weights=False, equivariances=TS, properties=ALL,
+               why_not_dp="Multi-Krum's selection depends on every client, so one client "
+                          "can change which updates are averaged")
 def multi_krum(updates: Tensor, weights: Tensor | None = None, *, f: int,
                m: int | None = None) -> AggregationResult:
     r"""Multi-Krum [Blanchard et al., 2017]: average of the ``m`` best-scored updates.
@@ -347,6 +368,8 @@ def multi_krum(updates: Tensor, weights: Tensor | None = None, *, f: int,
                              info={"scores": scores.to(updates.dtype)})
 
 
+@register_rule("bulyan", params={"f": integer(0)}, equivariances=TS, properties=ALL,
+               why_not_dp="Bulyan's selection and trimming depend on every client")
 def bulyan(updates: Tensor, weights: Tensor | None = None, *, f: int) -> AggregationResult:
     r"""Bulyan [El Mhamdi et al., 2018]: iterated Krum, then a coordinate-wise trimmed phase.
 
@@ -432,6 +455,10 @@ def bulyan(updates: Tensor, weights: Tensor | None = None, *, f: int) -> Aggrega
     )
 
 
+@register_rule("geometric_median",
+               params={"nu": real(0.0, strict=True), "iters": integer(1), "tol": real(0.0)},
+               use_weights=False, equivariances=frozenset({"translation"}), properties=ALL,
+               why_not_dp="the geometric median's sensitivity has no C/m bound")
 def geometric_median(updates: Tensor, weights: Tensor | None = None, *, nu: float = 1e-6,
                      iters: int = 100, tol: float = 1e-6) -> AggregationResult:
     r"""Geometric median by smoothed Weiszfeld, RFA [Pillutla et al., 2022].
@@ -508,6 +535,16 @@ def geometric_median(updates: Tensor, weights: Tensor | None = None, *, nu: floa
     )
 
 
+def _zeros(d: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """The first centre of centered clipping: ``(d,)`` zeros."""
+    return torch.zeros(d, dtype=dtype, device=device)
+
+
+@register_rule("centered_clipping", params={"tau": real(0.0, strict=True), "iters": integer(1)},
+               use_weights=False, state=("center", _zeros),
+               # translation equivariant only if the state is translated too
+               equivariances=frozenset(), properties=frozenset({"permutation_invariant"}),
+               why_not_dp="centered clipping is stateful and its sensitivity is not C/m")
 def centered_clipping(updates: Tensor, weights: Tensor | None = None, *, center: Tensor,
                       tau: float, iters: int = 1) -> AggregationResult:
     r"""Centered clipping [Karimireddy, He & Jaggi, 2021].

@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from torch import Tensor, nn
 
 from aggregation.registry import derive_seed, make_generator
+from privacy.accounting import DEFAULT_ACCOUNTANT
 from runconfig.config import RunConfig, Scalar
 
 from .local_dp import local_dp_update
@@ -191,7 +192,7 @@ def _train_dp_sgd(
         target_epsilon=None if "target_epsilon" not in p else float(p["target_epsilon"]),
         planned_rounds=cfg.num_rounds,
         max_epsilon=None if "max_epsilon" not in p else float(p["max_epsilon"]),
-        accountant=p.get("accountant", "prv"),
+        accountant=p.get("accountant", DEFAULT_ACCOUNTANT),
         history=history,
         loss_fn=loss_fn,
     )

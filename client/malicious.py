@@ -9,7 +9,6 @@ trains honestly and the adversary replaces its update on the server side.
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any

@@ -1,6 +1,6 @@
 """What a malicious client does with its own data and its own update (no omniscience).
 
-Data poisoning
+Data poisoning, the :data:`DATA_ATTACKS` registry
     :func:`label_flip` (targeted / untargeted label flipping), :class:`Trigger` with
     :func:`backdoor_poison` (BadNets pixel-pattern backdoor [Gu et al., 2017]) and
     :func:`distributed_triggers` (DBA [Xie et al., ICLR 2020]), :func:`inflate_examples`
@@ -10,6 +10,9 @@ Update poisoning that needs only the client's own update
     :data:`UPDATE_POISONINGS` registry (``sign_flip``, ``gaussian``), built with
     :func:`get_update_poisoning`.
 
+Each attack is registered next to the function it configures. Their names are distinct
+from the omniscient attacks' in ``simulations.attacks``, so one name means one attack.
+
 Attacks that need the honest clients' updates (ALIE, IPM, min-max, ...) live in
 ``simulations/attacks.py``. Every function here returns new tensors and leaves its inputs
 untouched; randomness comes from a ``torch.Generator`` argument.
@@ -17,18 +20,22 @@ untouched; randomness comes from a ``torch.Generator`` argument.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor
 
-from aggregation.registry import Registry, check_params
+from aggregation.catalog import Check, Factory, optional
+from aggregation.registry import Registry
 
 __all__ = [
+    "DATA_ATTACKS",
     "UPDATE_POISONINGS",
+    "DataAttack",
     "Trigger",
     "UpdatePoisoning",
     "backdoor_poison",
@@ -39,6 +46,7 @@ __all__ = [
     "inflate_examples",
     "label_flip",
     "label_flip_map",
+    "register_update_poisoning",
     "sign_flip_update",
     "split_trigger",
     "update_poisoning_names",
@@ -48,6 +56,7 @@ FlipMode = Literal["all_to_one", "random", "reverse"]
 _FLIP_MODES: tuple[str, ...] = ("all_to_one", "random", "reverse")
 Corner = Literal["top_left", "top_right", "bottom_left", "bottom_right"]
 _CORNERS: tuple[str, ...] = ("top_left", "top_right", "bottom_left", "bottom_right")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _check_int(name: str, value: int, *, low: int) -> int:
@@ -65,6 +74,31 @@ def _check_generator(where: str, generator: object) -> torch.Generator:
             "use aggregation.registry.make_generator(seed)"
         )
     return generator
+
+
+# --------------------------------------------------------------------------- data attacks
+
+
+@dataclass(frozen=True)
+class DataAttack:
+    """A data attack as a run config names it, with its parameters (defaults filled in).
+
+    Built with ``DATA_ATTACKS.build(name, **params)``; what each parameter does is said
+    by the registration next to the function it configures. ``client.malicious`` carries
+    it out.
+
+    Examples
+    --------
+    >>> DATA_ATTACKS.build("label_flip", mode="all_to_one")
+    DataAttack(name='label_flip', params={'mode': 'all_to_one', 'target': 0})
+    """
+
+    name: str
+    params: Mapping[str, Any]
+
+
+DATA_ATTACKS: Registry[Callable[..., DataAttack]] = Registry("data attack")
+"""Attacks a client mounts on its own data or on the example count it reports."""
 
 
 # --------------------------------------------------------------------------- label flipping
@@ -159,6 +193,12 @@ def label_flip(y: Tensor, num_classes: int, *, mode: FlipMode = "reverse", targe
     _check_labels("label_flip", y, num_classes)
     pi = label_flip_map(num_classes, mode=mode, target=target, generator=generator)
     return pi.to(y.device)[y.long()].to(y.dtype)
+
+
+@DATA_ATTACKS.register("label_flip")
+def _label_flip_attack(*, mode: FlipMode = "reverse", target: int = 0) -> DataAttack:
+    """``label_flip``: the client trains on :func:`label_flip` of its labels."""
+    return DataAttack("label_flip", {"mode": mode, "target": target})
 
 
 def _check_labels(where: str, y: Tensor, num_classes: int) -> None:
@@ -503,6 +543,25 @@ def backdoor_poison(x: Tensor, y: Tensor, *, trigger: Trigger, target: int, frac
     return x_out, y_out, idx
 
 
+@DATA_ATTACKS.register("backdoor")
+def _backdoor_attack(*, target: int = 0, fraction: float = 0.5, size: int = 2,
+                     pattern: str = "square", boost: float = 1.0) -> DataAttack:
+    """``backdoor``: :func:`backdoor_poison` of a ``fraction`` of the client's samples with
+    a ``size`` x ``size`` ``pattern`` trigger (``square`` or ``checker``) to class ``target``,
+    then the update boosted by ``boost`` (:func:`boost_update`)."""
+    return DataAttack("backdoor", {"target": target, "fraction": fraction, "size": size,
+                                   "pattern": pattern, "boost": boost})
+
+
+@DATA_ATTACKS.register("dba")
+def _dba_attack(*, target: int = 0, fraction: float = 0.5, size: int = 2,
+                pattern: str = "square", boost: float = 1.0, parts: int = 4) -> DataAttack:
+    """``dba``: as ``backdoor``, each attacker with its part of the trigger split in
+    ``parts`` (:func:`distributed_triggers`)."""
+    return DataAttack("dba", {"target": target, "fraction": fraction, "size": size,
+                              "pattern": pattern, "boost": boost, "parts": parts})
+
+
 # --------------------------------------------------------------------------- own-update attacks
 
 
@@ -559,6 +618,12 @@ def inflate_examples(true_count: int, factor: float) -> int:
     return math.floor(true_count * factor + 0.5)
 
 
+@DATA_ATTACKS.register("inflate_examples")
+def _inflate_examples_attack(*, factor: float = 100.0) -> DataAttack:
+    """``inflate_examples``: the client reports :func:`inflate_examples` of its count."""
+    return DataAttack("inflate_examples", {"factor": factor})
+
+
 def _check_positive(where: str, name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{where}: {name} must be a number, got {type(value).__name__}")
@@ -577,6 +642,97 @@ def _check_delta(where: str, delta: Tensor, *, flat: bool) -> None:
         raise ValueError(f"{where}: the update contains NaN or Inf")
 
 
+@dataclass(frozen=True)
+class UpdatePoisoning:
+    """An update poisoning with its parameters bound; build with :func:`get_update_poisoning`.
+
+    ``poison(delta, generator=...)`` maps the client's honest ``(d,)`` update to the one it
+    sends, same shape, dtype and device.
+
+    Examples
+    --------
+    >>> from aggregation.registry import make_generator
+    >>> get_update_poisoning("sign_flip", scale=1.0)(torch.ones(2), generator=make_generator(0))
+    tensor([-1., -1.])
+    """
+
+    name: str
+    params: Mapping[str, Any]
+    fn: Callable[[Tensor, torch.Generator], Tensor] = field(repr=False, compare=False)
+
+    def __call__(self, delta: Tensor, *, generator: torch.Generator) -> Tensor:
+        """Return the poisoned ``(d,)`` update.
+
+        Raises
+        ------
+        ValueError
+            If ``delta`` is not a non-empty finite floating ``(d,)`` vector.
+        TypeError
+            If ``generator`` is not a ``torch.Generator``.
+        """
+        _check_delta(self.name, delta, flat=True)
+        return self.fn(delta, _check_generator(self.name, generator))
+
+
+UPDATE_POISONINGS: Registry[Factory[UpdatePoisoning]] = Registry("update poisoning")
+
+
+def register_update_poisoning(
+    name: str, *, params: Mapping[str, Check] | None = None,
+    validate: Callable[[Mapping[str, Any]], None] | None = None,
+) -> Callable[[F], F]:
+    """Register the decorated ``fn(delta, *, hyper..., generator?)`` as the update poisoning
+    ``name``; the function is returned unchanged.
+
+    ``params`` checks each hyperparameter, ``validate`` all of them together; a function
+    with a keyword-only ``generator`` receives the attack's generator.
+    """
+    def decorator(fn: F) -> F:
+        random = "generator" in inspect.signature(fn).parameters
+
+        def make(p: dict[str, Any]) -> UpdatePoisoning:
+            if random:
+                return UpdatePoisoning(name, p, lambda d, g: fn(d, generator=g, **p))
+            return UpdatePoisoning(name, p, lambda d, g: fn(d, **p))
+
+        UPDATE_POISONINGS.register(name)(Factory(
+            name, fn, make, params=params, runtime=("generator",), validate=validate))
+        return fn
+    return decorator
+
+
+def get_update_poisoning(name: str, **params: Any) -> UpdatePoisoning:
+    """Build the update poisoning registered as ``name`` with ``params``.
+
+    Raises
+    ------
+    KeyError
+        Unknown name (the message lists the valid ones and a close match).
+    TypeError
+        Unknown parameter.
+    ValueError
+        Parameter value out of range.
+
+    Examples
+    --------
+    >>> get_update_poisoning("gaussian", norm=1.0).params
+    {'norm': 1.0, 'std': None}
+    """
+    poisoning: UpdatePoisoning = UPDATE_POISONINGS.build(name, **params)
+    return poisoning
+
+
+def update_poisoning_names() -> list[str]:
+    """Sorted names of the registered update poisonings."""
+    return UPDATE_POISONINGS.names()
+
+
+def _norm_or_std(params: Mapping[str, Any]) -> None:
+    if params["norm"] is not None and params["std"] is not None:
+        raise ValueError("gaussian: give norm (a fixed L2 norm) or std (i.i.d. noise), not both")
+
+
+@register_update_poisoning("sign_flip", params={"scale": _check_positive})
 def sign_flip_update(delta: Tensor, *, scale: float = 10.0) -> Tensor:
     """Sign flipping of the client's own update: ``-scale * delta``.
 
@@ -595,6 +751,9 @@ def sign_flip_update(delta: Tensor, *, scale: float = 10.0) -> Tensor:
     return -scale * delta
 
 
+@register_update_poisoning("gaussian", params={"norm": optional(_check_positive),
+                                       "std": optional(_check_positive)},
+                           validate=_norm_or_std)
 def gaussian_update(delta: Tensor, *, generator: torch.Generator, norm: float | None = None,
                     std: float | None = None) -> Tensor:
     """Random update in place of the client's own [Blanchard et al., NeurIPS 2017].
@@ -632,84 +791,3 @@ def gaussian_update(delta: Tensor, *, generator: torch.Generator, norm: float | 
     target = float(torch.linalg.vector_norm(delta.to(torch.float64))) if norm is None else norm
     direction = u.div(torch.linalg.vector_norm(u))
     return (target * direction).to(device=delta.device, dtype=delta.dtype)
-
-
-@dataclass(frozen=True)
-class UpdatePoisoning:
-    """An update poisoning with its parameters bound; build with :func:`get_update_poisoning`.
-
-    ``poison(delta, generator=...)`` maps the client's honest ``(d,)`` update to the one it
-    sends, same shape, dtype and device.
-
-    Examples
-    --------
-    >>> from aggregation.registry import make_generator
-    >>> get_update_poisoning("sign_flip", scale=1.0)(torch.ones(2), generator=make_generator(0))
-    tensor([-1., -1.])
-    """
-
-    name: str
-    params: Mapping[str, Any]
-    fn: Callable[[Tensor, torch.Generator], Tensor] = field(repr=False, compare=False)
-
-    def __call__(self, delta: Tensor, *, generator: torch.Generator) -> Tensor:
-        """Return the poisoned ``(d,)`` update.
-
-        Raises
-        ------
-        ValueError
-            If ``delta`` is not a non-empty finite floating ``(d,)`` vector.
-        TypeError
-            If ``generator`` is not a ``torch.Generator``.
-        """
-        _check_delta(self.name, delta, flat=True)
-        return self.fn(delta, _check_generator(self.name, generator))
-
-
-UPDATE_POISONINGS: Registry[Callable[..., UpdatePoisoning]] = Registry("update poisoning")
-
-
-def get_update_poisoning(name: str, **params: Any) -> UpdatePoisoning:
-    """Build the update poisoning registered as ``name`` with ``params``.
-
-    Raises
-    ------
-    KeyError
-        Unknown name (the message lists the valid ones and a close match).
-    TypeError
-        Unknown parameter.
-    ValueError
-        Parameter value out of range.
-
-    Examples
-    --------
-    >>> get_update_poisoning("gaussian", norm=1.0).params
-    {'norm': 1.0, 'std': None}
-    """
-    factory = UPDATE_POISONINGS.get(name)
-    check_params("update poisoning", name, factory, params)
-    return factory(**params)
-
-
-def update_poisoning_names() -> list[str]:
-    """Sorted names of the registered update poisonings."""
-    return UPDATE_POISONINGS.names()
-
-
-@UPDATE_POISONINGS.register("sign_flip")
-def _make_sign_flip(scale: float = 10.0) -> UpdatePoisoning:
-    scale = _check_positive("sign_flip", "scale", scale)
-    return UpdatePoisoning("sign_flip", {"scale": scale},
-                           lambda d, g: sign_flip_update(d, scale=scale))
-
-
-@UPDATE_POISONINGS.register("gaussian")
-def _make_gaussian(norm: float | None = None, std: float | None = None) -> UpdatePoisoning:
-    if norm is not None and std is not None:
-        raise ValueError("gaussian: give norm (a fixed L2 norm) or std (i.i.d. noise), not both")
-    if norm is not None:
-        norm = _check_positive("gaussian", "norm", norm)
-    if std is not None:
-        std = _check_positive("gaussian", "std", std)
-    return UpdatePoisoning("gaussian", {"norm": norm, "std": std},
-                           lambda d, g: gaussian_update(d, generator=g, norm=norm, std=std))

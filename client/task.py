@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from aggregation.registry import resolve_object
+from runconfig import resolve_object
 
 __all__ = ["ClientTask", "load_task"]
 

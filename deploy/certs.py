@@ -147,7 +147,7 @@ def make_ca(
     """
     _check_days(days)
     key = ec.generate_private_key(_CURVE)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     name = _name(common_name)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
@@ -228,7 +228,7 @@ def make_server_cert(
     all_hosts = list(dict.fromkeys([*DEFAULT_HOSTS, *hosts]))
     sans = [_san_entry(h) for h in all_hosts]
     key = ec.generate_private_key(_CURVE)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (
         x509.CertificateBuilder()

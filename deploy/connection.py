@@ -24,11 +24,11 @@ import argparse
 import os
 import re
 import sys
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import tomli
 import tomli_w
 
 __all__ = ["flwr_home", "main", "write_connection"]
@@ -112,7 +112,7 @@ def write_connection(
         conn["insecure"] = True
     home.mkdir(parents=True, exist_ok=True)
     path = home / "config.toml"
-    config: dict[str, Any] = tomli.loads(path.read_text()) if path.exists() else {}
+    config: dict[str, Any] = tomllib.loads(path.read_text()) if path.exists() else {}
     superlink = config.setdefault("superlink", {})
     superlink[name] = conn
     if make_default or "default" not in superlink:

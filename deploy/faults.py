@@ -40,7 +40,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .federation import Federation, ManagedProcess, descendants
+from .federation import Federation
+from .processes import ManagedProcess, descendants
 
 __all__ = ["DRILLS", "main"]
 

@@ -17,10 +17,14 @@ Usage::
     python -m deploy.federation --workdir /tmp/fed --nodes 3 \\
         --run . --run-config "num-server-rounds=3"                    # run, then stop
 
-Processes are tracked so that none outlives the federation: each is started in its own
-session with an environment marker ``FEDSHIELD_DEPLOY_TAG=<uuid>`` that its children
-(SuperExec, ServerApp, ClientApp processes) inherit; :meth:`Federation.stop` ends the
-process trees and then every process still carrying the marker, by process id.
+``--run-config`` takes whitespace-separated ``key=value`` overrides, read by
+:func:`runconfig.overrides.parse_overrides` (quote values with spaces: ``out-dir='/a b'``).
+
+Processes are tracked so that none outlives the federation (:mod:`deploy.processes`):
+each is started in its own session with an environment marker
+``FEDSHIELD_DEPLOY_TAG=<uuid>`` that its children (SuperExec, ServerApp, ClientApp
+processes) inherit; :meth:`Federation.stop` ends the process trees and then every process
+still carrying the marker, by process id.
 """
 
 from __future__ import annotations
@@ -30,35 +34,38 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 
-import tomli
 import tomli_w
+
+from runconfig.overrides import parse_overrides
 
 from .certs import CertBundle, write_bundle
 from .connection import write_connection
+from .processes import (
+    TAG_VAR,
+    ManagedProcess,
+    free_port,
+    kill_pids,
+    spawn,
+    tagged_pids,
+    wait_listening,
+    wait_log,
+)
 
 __all__ = [
     "FLWR_QUIET_ENV",
-    "TAG_VAR",
     "Federation",
-    "ManagedProcess",
     "RunResult",
-    "descendants",
     "format_node_config",
-    "free_port",
-    "kill_pids",
     "main",
-    "tagged_pids",
     "write_connection",
 ]
 
@@ -70,154 +77,9 @@ FLWR_QUIET_ENV: dict[str, str] = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
 }
-#: Environment variable that marks every process of one federation (inherited by children).
-TAG_VAR = "FEDSHIELD_DEPLOY_TAG"
 
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
-
-# Exec shim: the started command gets SIGKILL when the thread that started it dies, so
-# not even a SIGKILLed test runner leaves a SuperLink behind (their SuperExec, ServerApp
-# and ClientApp children watch their parent's pid and follow). Linux prctl(2).
-_DIE_WITH_PARENT = (
-    "import ctypes, os, signal, sys\n"
-    "ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG\n"
-    "os.getppid() == int(sys.argv[1]) or os._exit(1)\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
 _FINISHED = "finished"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that is free on ``host`` right now (bind to port 0, release).
-
-    Another process may take it before it is used; callers start the server promptly.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        # The command name (field 2) may contain spaces and parentheses: split after it.
-        ppid = int(stat[stat.rfind(b")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def descendants(pid: int) -> list[int]:
-    """Return the process ids of every descendant of ``pid`` (Linux ``/proc``), not ``pid``.
-
-    Orphans re-parented to ``init`` are not found: :func:`tagged_pids` catches those.
-    """
-    children = _children_map()
-    out: list[int] = []
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            out.append(child)
-            stack.append(child)
-    return out
-
-
-def tagged_pids(tag: str) -> list[int]:
-    """Return the ids of live processes whose environment holds ``TAG_VAR=tag``."""
-    needle = f"{TAG_VAR}={tag}".encode()
-    found: list[int] = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as fh:
-                env = fh.read().split(b"\0")
-        except OSError:
-            continue
-        if needle in env:
-            found.append(int(entry))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] != b"Z"
-
-
-def kill_pids(pids: Sequence[int], *, grace: float = 5.0) -> None:
-    """Send SIGTERM to ``pids``, wait up to ``grace`` seconds, then SIGKILL survivors."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        live = [p for p in pids if _alive(p)]
-        for p in live:
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 2.0)
-        while time.monotonic() < deadline and any(_alive(p) for p in live):
-            time.sleep(0.05)
-
-
-@dataclass
-class ManagedProcess:
-    """A long-running Flower process started in its own session, with its log file."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-    argv: list[str]
-    _log: IO[bytes] | None = field(default=None, repr=False)
-
-    @property
-    def pid(self) -> int:
-        """Process id of the started command."""
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        """Whether the process is still running."""
-        return self.popen.poll() is None
-
-    def log(self) -> str:
-        """Everything the process wrote to stdout and stderr so far."""
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self, sig: signal.Signals = signal.SIGKILL, *, tree: bool = True) -> list[int]:
-        """Send ``sig`` to the process and (``tree``) every descendant; return their ids.
-
-        ``SIGKILL`` on the tree simulates a device that loses power: the SuperNode, its
-        SuperExec and the running ClientApp vanish without a goodbye to the SuperLink.
-        """
-        pids = ([*descendants(self.pid)] if tree else []) + [self.pid]
-        for p in pids:
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
-        return pids
-
-    def stop(self, *, grace: float = 5.0) -> None:
-        """End the process tree (SIGTERM, then SIGKILL) and reap the process."""
-        if self.alive():
-            kill_pids([self.pid, *descendants(self.pid)], grace=grace)
-        try:
-            self.popen.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
 
 @dataclass(frozen=True)
@@ -397,21 +259,10 @@ class Federation:
         self, name: str, argv: list[str], flwr_home: Path, *, cwd: Path | None = None
     ) -> ManagedProcess:
         flwr_home.mkdir(parents=True, exist_ok=True)
-        log_path = self.log_dir / f"{name}.log"
-        log = log_path.open("ab")
-        full = argv
-        if self.die_with_parent and sys.platform.startswith("linux"):
-            full = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
-        popen = subprocess.Popen(
-            full,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.env(flwr_home),
-            cwd=cwd or self.workdir,
-            start_new_session=True,
+        return spawn(
+            name, argv, log_path=self.log_dir / f"{name}.log", env=self.env(flwr_home),
+            cwd=cwd or self.workdir, die_with_parent=self.die_with_parent,
         )
-        return ManagedProcess(name, popen, log_path, argv, log)
 
     def flwr(
         self, *args: str, timeout: float = 60.0, cwd: str | os.PathLike[str] | None = None
@@ -467,21 +318,8 @@ class Federation:
             root_certificates=self.certs.ca_cert if self.tls and self.certs else None,
             insecure=not self.tls,
         )
-        self._wait_listening(self.superlink, timeout)
-
-    def _wait_listening(self, proc: ManagedProcess, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not proc.alive():
-                raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n"
-                                   f"{proc.log()[-3000:]}")
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.settimeout(1.0)
-                if s.connect_ex((self.host, self.port)) == 0 and "startup complete" in proc.log():
-                    return
-            time.sleep(0.2)
-        raise RuntimeError(f"{proc.name} did not listen on {self.address} within {timeout} s:\n"
-                           f"{proc.log()[-3000:]}")
+        wait_listening(self.superlink, self.host, self.port, timeout=timeout,
+                       log_text="startup complete")
 
     def stop_superlink(self, *, sig: signal.Signals | None = None) -> None:
         """Stop the SuperLink: gracefully, or with ``sig`` (e.g. SIGKILL) on its tree."""
@@ -642,19 +480,15 @@ class Federation:
     ) -> float:
         """Wait until ``text`` occurs ``count`` times in ``proc``'s log; return the time.
 
+        :func:`deploy.processes.wait_log`, kept here for the drills and tests that hold a
+        federation.
+
         Raises
         ------
         TimeoutError
             After ``timeout`` seconds, or at once if the process exited first.
         """
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.log().count(text) >= count:
-                return time.time()
-            if not proc.alive():
-                raise TimeoutError(f"{proc.name} exited before logging {text!r} x{count}")
-            time.sleep(0.1)
-        raise TimeoutError(f"{proc.name} did not log {text!r} x{count} within {timeout} s")
+        return wait_log(proc, text, count=count, timeout=timeout)
 
     def nodes(self) -> list[dict[str, str]]:
         """The SuperLink's node table (``flwr supernode list --format json``)."""
@@ -856,12 +690,6 @@ class Federation:
         self.stop()
 
 
-def _parse_kv(text: str) -> dict[str, ConfigValue]:
-    pairs = re.findall(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)", text)
-    parsed: dict[str, ConfigValue] = tomli.loads("\n".join(f"{k} = {v}" for k, v in pairs))
-    return parsed
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m deploy.federation",
@@ -877,7 +705,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="I=PATH: node I trains on its own .npz file (repeatable)")
     p.add_argument("--run", metavar="APP_DIR",
                    help="run this app once the nodes are online, then stop everything")
-    p.add_argument("--run-config", default="", help="'k=v k=v' overrides for --run")
+    p.add_argument("--run-config", default="",
+                   help="run-config overrides for --run, e.g. \"num-server-rounds=3 "
+                   "aggregator='krum'\" (whitespace-separated key=value)")
     p.add_argument("--timeout", type=float, default=1800.0, help="--run time limit (s)")
     return p
 
@@ -904,6 +734,11 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
     args = _parser().parse_args(argv)
+    try:
+        run_config = parse_overrides(args.run_config)
+    except ValueError as exc:
+        print(f"error: --run-config: {exc}", file=sys.stderr)
+        return 2
     extra: list[dict[str, ConfigValue]] = [{} for _ in range(args.nodes)]
     for item in args.data_path:
         idx, _, path = item.partition("=")
@@ -923,7 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"SuperLink {fed.address} (logs: {fed.log_dir}); nodes online: "
               f"{sorted(fed.online())}", flush=True)
         if args.run:
-            result = fed.run(args.run, _parse_kv(args.run_config), timeout=args.timeout)
+            result = fed.run(args.run, run_config, timeout=args.timeout)
             print(result.log)
             print(f"run {result.run_id}: {result.status} in {result.wall_s:.1f} s")
             return 0 if result.status == "finished:completed" else 1

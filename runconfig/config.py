@@ -291,8 +291,9 @@ class RunConfig:
             )
         if self.rule.params:
             raise ValueError(
-                "central-dp replaces the rule by DP-FedAvg (the unweighted mean of clipped "
-                f"updates), which takes no aggregator-params; got {dict(self.rule.params)}"
+                f"central-dp replaces aggregator={self.rule.name!r} by DP-FedAvg (the unweighted "
+                "mean of clipped updates), which takes no aggregator-params; got "
+                f"{dict(self.rule.params)}: set aggregator='mean' and aggregator-params=''"
             )
         if self.clients_per_round < 1:
             raise ValueError(

@@ -1,11 +1,11 @@
-"""Client-level central differential privacy (DP-FedAvg) and its privacy accounting.
+"""Client-level central differential privacy: the DP-FedAvg mechanism.
 
 The server clips every client's update to L2 norm ``C``, sums the clipped updates, divides
 by the *expected* number of clients ``m`` and adds Gaussian noise of standard deviation
 ``z C / m`` [McMahan et al., 2018]. Optionally ``C`` follows a quantile of the update
-norms, estimated privately [Andrew et al., 2021]. The privacy loss over rounds is composed
-by Opacus's accountants (RDP [Mironov, 2017; Mironov et al., 2019] or PRV [Gopi et al.,
-2021]), on an explicit, serialisable history.
+norms, estimated privately [Andrew et al., 2021]. Clipping, noise and the accounting
+(Opacus's accountants on an explicit, serialisable history, default ``"rdp"``) come from
+the privacy core, :mod:`privacy`; this module is the mechanism and what it books.
 
 Which guarantee holds
 ---------------------
@@ -41,81 +41,48 @@ McMahan, Ramage, Talwar, Zhang. "Learning Differentially Private Recurrent Langu
 Models". ICLR 2018.
 Andrew, Thakkar, McMahan, Ramaswamy. "Differentially Private Learning with Adaptive
 Clipping". NeurIPS 2021.
-Mironov. "Rényi Differential Privacy". CSF 2017. Mironov, Talwar, Zhang. "Rényi
-Differential Privacy of the Sampled Gaussian Mechanism". 2019.
-Gopi, Lee, Wutschitz. "Numerical Composition of Differential Privacy". NeurIPS 2021.
 Mironov. "On Significance of the Least Significant Bits for Differential Privacy". CCS 2012.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
-from opacus.accountants import PRVAccountant, RDPAccountant
 from torch import Tensor
 
+import aggregation
+from privacy import (
+    DEFAULT_ACCOUNTANT,
+    AccountantName,
+    PrivacyAccountant,
+    check_accountant,
+    check_updates,
+    clip_updates,
+    gaussian_noise,
+)
+from privacy.checks import check_delta, check_int, check_nonnegative, check_positive, is_real
+
 __all__ = [
-    "ACCOUNTANTS",
-    "DP_COMPATIBLE_PRE",
-    "DP_COMPATIBLE_RULES",
     "SAMPLINGS",
     "CentralDPConfig",
     "CentralDPResult",
     "CentralDPState",
     "DPFedAvg",
-    "HistoryEvent",
     "PrivacyAccountant",
     "check_rule_compatible",
-    "clip_updates",
     "dp_mean",
-    "epsilon_from_history",
-    "gaussian_noise",
     "poisson_sample",
     "update_noise_multiplier",
 ]
 
 Sampling = Literal["poisson", "fixed", "none"]
-AccountantName = Literal["rdp", "prv"]
-HistoryEvent = tuple[float, float, int]
-"""One accounting event: ``(noise_multiplier, sample_rate, steps)``."""
 
 SAMPLINGS: tuple[str, ...] = ("poisson", "fixed", "none")
-ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
-DP_COMPATIBLE_RULES: tuple[str, ...] = ("mean",)
-DP_COMPATIBLE_PRE: tuple[str, ...] = ("norm_clip",)
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _check_positive(name: str, value: object) -> float:
-    if not _is_real(value) or not math.isfinite(float(cast(float, value))) or not (
-        float(cast(float, value)) > 0
-    ):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(cast(float, value))
-
-
-def _check_delta(delta: object) -> float:
-    if not _is_real(delta) or not 0 < float(cast(float, delta)) < 1:
-        raise ValueError(
-            f"delta must be in (0, 1), got {delta!r}: pick delta well below 1/N "
-            "for N clients (e.g. 1e-5)"
-        )
-    return float(cast(float, delta))
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------
@@ -156,14 +123,16 @@ class CentralDPConfig:
         ``"poisson"``, ``"fixed"`` or ``"none"``: how clients are sampled, which decides what
         is booked per round (see the module docstring).
     accountant
-        ``"rdp"`` (Opacus :class:`~opacus.accountants.RDPAccountant`, fast, a few percent to
-        15 % looser) or ``"prv"`` (:class:`~opacus.accountants.PRVAccountant`, tighter).
+        ``"rdp"`` (the default: fast, a valid upper bound, 10-15 % above PRV) or ``"prv"``
+        (tighter, seconds per call); see :mod:`privacy.accounting`. ``"gdp"`` is refused:
+        it can under-report and composes only a constant ``(z, q)``, while ``q = m / N``
+        follows the number of connected nodes.
 
     Raises
     ------
     ValueError
-        If a value is out of range or ``clipped_count_stddev`` is given without
-        ``adaptive=True``.
+        If a value is out of range, the accountant is unknown or ``"gdp"``, or
+        ``clipped_count_stddev`` is given without ``adaptive=True``.
 
     Examples
     --------
@@ -181,35 +150,37 @@ class CentralDPConfig:
     delta: float = 1e-5
     max_epsilon: float | None = None
     sampling: Sampling = "poisson"
-    accountant: AccountantName = "rdp"
+    accountant: AccountantName = DEFAULT_ACCOUNTANT
 
     def __post_init__(self) -> None:
-        _check_positive("noise_multiplier", self.noise_multiplier)
-        _check_positive("clipping_norm", self.clipping_norm)
+        check_positive("noise_multiplier", self.noise_multiplier)
+        check_positive("clipping_norm", self.clipping_norm)
         if not isinstance(self.adaptive, bool):
             raise ValueError(f"adaptive must be a bool, got {self.adaptive!r}")
-        if not _is_real(self.target_quantile) or not 0 < self.target_quantile < 1:
+        if not is_real(self.target_quantile) or not 0 < self.target_quantile < 1:
             raise ValueError(
                 f"target_quantile must be in (0, 1), got {self.target_quantile!r}"
             )
-        _check_positive("clip_lr", self.clip_lr)
+        check_positive("clip_lr", self.clip_lr)
         if self.clipped_count_stddev is not None:
-            _check_positive("clipped_count_stddev", self.clipped_count_stddev)
+            check_positive("clipped_count_stddev", self.clipped_count_stddev)
             if not self.adaptive:
                 raise ValueError(
                     "clipped_count_stddev only applies to adaptive clipping: "
                     "set adaptive=True or drop clipped_count_stddev"
                 )
-        _check_delta(self.delta)
+        check_delta(self.delta)
         if self.max_epsilon is not None:
-            _check_positive("max_epsilon", self.max_epsilon)
+            check_positive("max_epsilon", self.max_epsilon)
         if self.sampling not in SAMPLINGS:
             raise ValueError(
                 f"unknown sampling {self.sampling!r}; valid: {', '.join(SAMPLINGS)}"
             )
-        if self.accountant not in ACCOUNTANTS:
+        if check_accountant(self.accountant) == "gdp":
             raise ValueError(
-                f"unknown accountant {self.accountant!r}; valid: {', '.join(ACCOUNTANTS)}"
+                "central DP cannot use the gdp accountant: it composes identical steps only "
+                "and can under-report, and the booked rate q = m/N changes whenever the "
+                "number N of connected nodes does. Use accountant='rdp' (default) or 'prv'"
             )
 
     @classmethod
@@ -241,139 +212,10 @@ class CentralDPConfig:
                     f"central DP config got unknown key {key!r}{hint}; "
                     f"valid keys: {', '.join(valid)}"
                 )
-            if name in _FLOAT_FIELDS and _is_real(value):
+            if name in _FLOAT_FIELDS and is_real(value):
                 value = float(value)
             kwargs[name] = value
         return cls(**kwargs)
-
-
-# ---------------------------------------------------------------------------------------
-# clipping and noise
-# ---------------------------------------------------------------------------------------
-
-
-def _check_updates(what: str, updates: object) -> Tensor:
-    if not isinstance(updates, Tensor):
-        raise ValueError(
-            f"{what}: updates must be a torch.Tensor of shape (n, d), "
-            f"got {type(updates).__name__}"
-        )
-    if not updates.is_floating_point() or updates.dim() != 2 or updates.shape[1] < 1:
-        raise ValueError(
-            f"{what}: updates must be a floating-point (n, d) tensor with d >= 1, got "
-            f"dtype {updates.dtype} and shape {tuple(updates.shape)}"
-        )
-    if not bool(torch.isfinite(updates).all()):
-        bad = (~torch.isfinite(updates)).any(dim=1).nonzero().flatten().tolist()
-        raise ValueError(
-            f"{what}: updates contain NaN or Inf in rows {bad[:10]}: reject those clients "
-            "before the DP step (a per-client decision keeps the guarantee)"
-        )
-    return updates
-
-
-def clip_updates(updates: Tensor, clipping_norm: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Clip each update to L2 norm at most ``C`` [McMahan et al., 2018].
-
-    ``clipped_i = x_i * min(1, C / ||x_i||_2)``.
-
-    Norms are computed in float64, and the scale of clipped rows carries a relative safety
-    margin ``tol = 4 eps(dtype) + d eps(float64)`` (about ``5e-7`` in float32) that absorbs
-    the rounding of the norm and of the product, so that the exact norm of every stored row
-    is ``<= C``. (A float32 norm of a ``d = 1e6`` vector can be off by ``1e-5`` relative.)
-    Rows with ``||x_i|| <= C (1 - tol)`` are returned unchanged.
-
-    Parameters
-    ----------
-    updates
-        ``(n, d)`` floating-point, finite; ``n = 0`` is allowed.
-    clipping_norm
-        ``C > 0``.
-
-    Returns
-    -------
-    clipped
-        ``(n, d)``, same dtype and device.
-    norms
-        ``(n,)`` L2 norms of the input rows, same dtype and device.
-    was_clipped
-        ``(n,)`` bool, True where the row was scaled down (``||x_i|| > C (1 - tol)``).
-
-    Raises
-    ------
-    ValueError
-        If ``updates`` is not a finite ``(n, d)`` float tensor or ``C <= 0``.
-
-    Examples
-    --------
-    >>> x = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
-    >>> clipped, norms, was = clip_updates(x, 1.0)
-    >>> torch.allclose(clipped[0], torch.tensor([0.6, 0.8])), was.tolist()
-    (True, [True, False])
-    """
-    updates = _check_updates("clip_updates", updates)
-    c = _check_positive("clipping_norm", clipping_norm)
-    d = updates.shape[1]
-    tol = 4 * torch.finfo(updates.dtype).eps + d * torch.finfo(torch.float64).eps
-    bound = c * (1.0 - tol)
-    norms64 = torch.linalg.vector_norm(updates, dim=1, dtype=torch.float64)  # (n,)
-    was_clipped = norms64 > bound
-    scale = torch.where(was_clipped, bound / norms64.clamp_min(bound), torch.ones_like(norms64))
-    clipped = updates * scale.to(updates.dtype).unsqueeze(1)
-    return clipped, norms64.to(updates.dtype), was_clipped
-
-
-def gaussian_noise(
-    d: int,
-    std: float,
-    *,
-    generator: torch.Generator,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """``N(0, std^2 I_d)`` noise drawn from ``generator``.
-
-    Parameters
-    ----------
-    d
-        Dimension, ``>= 0``.
-    std
-        Standard deviation ``>= 0`` (``0`` gives zeros but still advances the generator,
-        so the stream does not depend on the value).
-    generator
-        Source of randomness; must live on ``device``.
-    dtype, device
-        Of the result; ``device`` defaults to the generator's device.
-
-    Returns
-    -------
-    Tensor
-        ``(d,)``.
-
-    Raises
-    ------
-    ValueError
-        If ``d < 0``, ``std`` is negative or not finite, or the generator is on another
-        device.
-
-    Examples
-    --------
-    >>> g = torch.Generator().manual_seed(0)
-    >>> bool((gaussian_noise(3, 0.0, generator=g) == 0).all())
-    True
-    >>> gaussian_noise(3, 2.0, generator=g, dtype=torch.float64).shape
-    torch.Size([3])
-    """
-    _check_int("d", d, 0)
-    if not _is_real(std) or not math.isfinite(std) or std < 0:
-        raise ValueError(f"noise std must be a finite number >= 0, got {std!r}")
-    dev = torch.device(device) if device is not None else generator.device
-    if dev.type != generator.device.type:
-        raise ValueError(
-            f"generator is on {generator.device} but the noise is asked for on {dev}: "
-            f"create the generator with torch.Generator(device={str(dev)!r})"
-        )
-    return torch.randn(d, generator=generator, dtype=dtype, device=dev) * std
 
 
 def dp_mean(
@@ -424,12 +266,9 @@ def dp_mean(
     >>> torch.allclose(dp_mean(x, 1.0, 0.0, 2, generator=g), torch.tensor([0.3, 0.65]))
     True
     """
-    updates = _check_updates("dp_mean", updates)
-    m = _check_int("expected_clients", expected_clients, 1)
-    if not _is_real(noise_multiplier) or not math.isfinite(noise_multiplier) or (
-        noise_multiplier < 0
-    ):
-        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+    updates = check_updates("dp_mean", updates)
+    m = check_int("expected_clients", expected_clients, 1)
+    check_nonnegative("noise_multiplier", noise_multiplier)
     clipped, _, _ = clip_updates(updates, clipping_norm)
     total = clipped.sum(dim=0)  # (d,)
     noise = gaussian_noise(
@@ -463,8 +302,8 @@ def update_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float
     >>> round(update_noise_multiplier(1.0, 5.0), 6)
     1.005038
     """
-    z = _check_positive("noise_multiplier", noise_multiplier)
-    sb = _check_positive("clipped_count_stddev", clipped_count_stddev)
+    z = check_positive("noise_multiplier", noise_multiplier)
+    sb = check_positive("clipped_count_stddev", clipped_count_stddev)
     rest = z**-2 - (2 * sb) ** -2
     if not rest > 0:
         raise ValueError(
@@ -567,7 +406,7 @@ class DPFedAvg:
     def __post_init__(self) -> None:
         if not isinstance(self.config, CentralDPConfig):
             raise ValueError(f"config must be a CentralDPConfig, got {type(self.config).__name__}")
-        _check_int("expected_clients", self.expected_clients, 1)
+        check_int("expected_clients", self.expected_clients, 1)
         if self.config.adaptive:
             update_noise_multiplier(self.config.noise_multiplier, self.count_stddev)
 
@@ -603,7 +442,7 @@ class DPFedAvg:
         ValueError
             On malformed updates.
         """
-        updates = _check_updates("DPFedAvg", updates)
+        updates = check_updates("DPFedAvg", updates)
         m = self.expected_clients
         c = state.clipping_norm
         clipped, _, was_clipped = clip_updates(updates, c)
@@ -644,7 +483,7 @@ class DPFedAvg:
         >>> DPFedAvg(cfg, 10).accounting_event(100)
         (1.0, 0.1)
         """
-        n_nodes = _check_int("num_nodes", num_nodes, 1)
+        n_nodes = check_int("num_nodes", num_nodes, 1)
         m = self.expected_clients
         z = self.config.noise_multiplier
         if self.config.sampling == "poisson":
@@ -694,208 +533,11 @@ def poisson_sample(num_nodes: int, q: float, *, generator: torch.Generator) -> l
     >>> poisson_sample(5, 1.0, generator=torch.Generator())
     [0, 1, 2, 3, 4]
     """
-    n = _check_int("num_nodes", num_nodes, 0)
-    if not _is_real(q) or not 0 <= q <= 1:
+    n = check_int("num_nodes", num_nodes, 0)
+    if not is_real(q) or not 0 <= q <= 1:
         raise ValueError(f"sampling rate q must be in [0, 1], got {q!r}")
     draws = torch.rand(n, generator=generator, dtype=torch.float64)
     return [int(i) for i in (draws < q).nonzero().flatten().tolist()]
-
-
-# ---------------------------------------------------------------------------------------
-# privacy accounting
-# ---------------------------------------------------------------------------------------
-
-
-def _check_event(noise_multiplier: object, sample_rate: object, steps: object) -> HistoryEvent:
-    if not _is_real(noise_multiplier) or not math.isfinite(float(cast(float, noise_multiplier))) \
-            or float(cast(float, noise_multiplier)) < 0:
-        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
-    if not _is_real(sample_rate) or not 0 <= float(cast(float, sample_rate)) <= 1:
-        raise ValueError(f"sample_rate must be in [0, 1], got {sample_rate!r}")
-    st = _check_int("steps", steps, 1)
-    return float(cast(float, noise_multiplier)), float(cast(float, sample_rate)), st
-
-
-def _merge(history: Iterable[HistoryEvent]) -> list[HistoryEvent]:
-    out: list[HistoryEvent] = []
-    for z, q, steps in history:
-        if out and out[-1][0] == z and out[-1][1] == q:
-            out[-1] = (z, q, out[-1][2] + steps)
-        else:
-            out.append((z, q, steps))
-    return out
-
-
-def epsilon_from_history(
-    history: Sequence[HistoryEvent], delta: float, accountant: str = "rdp"
-) -> float:
-    """Epsilon at ``delta`` of the composition of Poisson-subsampled Gaussian mechanisms.
-
-    Each event ``(z, q, T)`` is ``T`` steps of the subsampled Gaussian mechanism with noise
-    multiplier ``z`` and sampling rate ``q``; composition is by Opacus: RDP
-    [Mironov et al., 2019] converted to ``(eps, delta)`` over Opacus's default orders, or
-    the PRV accountant [Gopi et al., 2021] (its upper bound, ``eps_error = 0.01``).
-
-    Two exact conventions come first: events with ``q = 0`` touch no data and are dropped
-    (a history of only such events gives ``0``; the libraries would return a small
-    positive number from their conversion); an event with ``z = 0`` and ``q > 0`` releases
-    an unnoised sum, so epsilon is ``inf``.
-
-    Returns
-    -------
-    float
-        ``>= 0``, possibly ``inf``.
-
-    Raises
-    ------
-    ValueError
-        On a malformed event, ``delta`` outside ``(0, 1)`` or an unknown accountant.
-
-    Examples
-    --------
-    >>> round(epsilon_from_history([(1.0, 0.1, 100)], 1e-3, "rdp"), 2)
-    5.64
-    """
-    d = _check_delta(delta)
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"unknown accountant {accountant!r}; valid: {', '.join(ACCOUNTANTS)}")
-    events = [_check_event(*e) for e in history]
-    events = [e for e in events if e[1] > 0]
-    if not events:
-        return 0.0
-    if any(z == 0 for z, _, _ in events):
-        return math.inf
-    acc: RDPAccountant | PRVAccountant = (
-        RDPAccountant() if accountant == "rdp" else PRVAccountant()
-    )
-    acc.history = list(events)
-    return float(acc.get_epsilon(delta=d))
-
-
-class PrivacyAccountant:
-    """Book rounds of a subsampled Gaussian mechanism and report epsilon.
-
-    The whole state is :attr:`history`, a list of ``(noise_multiplier, sample_rate, steps)``
-    with consecutive equal ``(z, q)`` merged (composition is additive, so the merge does
-    not change epsilon); it round-trips through :meth:`to_dict` / :meth:`to_json`.
-
-    Parameters
-    ----------
-    accountant
-        ``"rdp"`` or ``"prv"`` (see :func:`epsilon_from_history`).
-    history
-        Events already spent (e.g. restored from a checkpoint).
-
-    Examples
-    --------
-    >>> acc = PrivacyAccountant("rdp")
-    >>> for _ in range(100):
-    ...     acc.step(1.0, 0.1)
-    >>> acc.history
-    [(1.0, 0.1, 100)]
-    >>> round(acc.epsilon(1e-3), 2)
-    5.64
-    >>> PrivacyAccountant.from_json(acc.to_json()).history == acc.history
-    True
-    """
-
-    def __init__(
-        self, accountant: AccountantName = "rdp", history: Iterable[Sequence[Any]] = ()
-    ) -> None:
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(
-                f"unknown accountant {accountant!r}; valid: {', '.join(ACCOUNTANTS)}"
-            )
-        self.accountant: AccountantName = accountant
-        self._history: list[HistoryEvent] = _merge(_check_event(*e) for e in history)
-
-    @property
-    def history(self) -> list[HistoryEvent]:
-        """A copy of the booked events."""
-        return list(self._history)
-
-    @property
-    def steps(self) -> int:
-        """Total number of booked steps (rounds)."""
-        return sum(s for _, _, s in self._history)
-
-    def step(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
-        """Book ``steps`` rounds of the mechanism ``(z, q)``.
-
-        Raises
-        ------
-        ValueError
-            If ``z < 0``, ``q`` outside ``[0, 1]`` or ``steps < 1``.
-        """
-        self._history = _merge([*self._history, _check_event(noise_multiplier, sample_rate,
-                                                             steps)])
-
-    def epsilon(self, delta: float) -> float:
-        """Epsilon spent so far at ``delta`` (see :func:`epsilon_from_history`)."""
-        return epsilon_from_history(self._history, delta, self.accountant)
-
-    def would_exceed(
-        self, next_noise: float, q: float, delta: float, max_epsilon: float, steps: int = 1
-    ) -> bool:
-        """Whether booking ``steps`` more rounds of ``(next_noise, q)`` would exceed the budget.
-
-        ``True`` iff ``epsilon(history + [(next_noise, q, steps)], delta) > max_epsilon``;
-        call it before a round and stop instead of overspending.
-        """
-        _check_positive("max_epsilon", max_epsilon)
-        planned = _merge([*self._history, _check_event(next_noise, q, steps)])
-        return epsilon_from_history(planned, delta, self.accountant) > max_epsilon
-
-    def to_dict(self) -> dict[str, Any]:
-        """``{"accountant": name, "history": [[z, q, steps], ...]}``, JSON-able."""
-        return {"accountant": self.accountant, "history": [list(e) for e in self._history]}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PrivacyAccountant:
-        """Inverse of :meth:`to_dict`.
-
-        Raises
-        ------
-        ValueError
-            If keys are missing or unknown, or an event is malformed.
-        """
-        if set(data) != {"accountant", "history"}:
-            raise ValueError(
-                f"accountant state must have exactly the keys 'accountant' and 'history', "
-                f"got {sorted(data)}"
-            )
-        return cls(data["accountant"], data["history"])
-
-    def to_json(self) -> str:
-        """:meth:`to_dict` as a JSON string (floats round-trip exactly)."""
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, text: str) -> PrivacyAccountant:
-        """Inverse of :meth:`to_json`."""
-        return cls.from_dict(json.loads(text))
-
-    def __repr__(self) -> str:
-        return f"PrivacyAccountant({self.accountant!r}, history={self._history!r})"
-
-
-# ---------------------------------------------------------------------------------------
-# which aggregation rules the calibration covers
-# ---------------------------------------------------------------------------------------
-
-_WHY_NOT = {
-    "median": "the coordinate-wise median's sensitivity depends on the other clients' "
-              "values and is not bounded by C/m",
-    "trimmed_mean": "which values are trimmed depends on the other clients, so one client "
-                    "moves the result by more than C/m",
-    "krum": "Krum selects one client's update: one client can change the selection, moving "
-            "the output by up to 2C, not C/m",
-    "multi_krum": "Multi-Krum's selection depends on every client, so one client can change "
-                  "which updates are averaged",
-    "bulyan": "Bulyan's selection and trimming depend on every client",
-    "geometric_median": "the geometric median's sensitivity has no C/m bound",
-    "centered_clipping": "centered clipping is stateful and its sensitivity is not C/m",
-}
 
 
 def check_rule_compatible(
@@ -939,8 +581,8 @@ def check_rule_compatible(
     ValueError: central DP (noise z*C/m) is calibrated for the unweighted mean of clipped ...
     """
     head = "central DP (noise z*C/m) is calibrated for the unweighted mean of clipped updates"
-    if rule_name not in DP_COMPATIBLE_RULES:
-        why = _WHY_NOT.get(rule_name, f"rule {rule_name!r} has no sensitivity analysis here")
+    why = aggregation.central_dp_refusal(rule_name)  # declared where the rule is registered
+    if why is not None:
         raise ValueError(
             f"{head} only; got rule {rule_name!r}: {why}. Use rule 'mean' with central DP, "
             "or drop central DP (e.g. use client-side DP-SGD) to keep a robust rule"
@@ -953,10 +595,11 @@ def check_rule_compatible(
                 " a weighted mean bounds one client's influence by w_i/sum(w), not 1/m. "
                 "Aggregate without weights (every client counts 1/m)"
             )
-    bad = [p for p in pre if p not in DP_COMPATIBLE_PRE]
+    allowed = aggregation.dp_compatible_steps()
+    bad = [p for p in pre if p not in allowed]
     if bad:
         raise ValueError(
             f"{head}; pre-aggregation {bad} mixes clients into shared rows, so one client "
             f"affects more than its own clipped update. Allowed before central DP: "
-            f"{', '.join(DP_COMPATIBLE_PRE)}"
+            f"{', '.join(allowed)}"
         )

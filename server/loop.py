@@ -97,9 +97,9 @@ def run_rounds(fed: Federation, transport: Transport, run: RunState) -> list[dic
         verdict = _sample(fed, transport, rnd, run)
         if verdict is not None and verdict.action == "stop":
             log.warning("round %d not run: %s", number, verdict.reason)
-            report = {"round": number, "skipped": True, "stopped": verdict.reason}
-            row = {**report, **_evaluate(fed, run, number, run.global_flat)}
-            rows.append(_publish(fed, run, number, *_record(fed, run, rnd, row, report)))
+            stop: dict[str, Any] = {"round": number, "skipped": True, "stopped": verdict.reason}
+            first = {**stop, **_evaluate(fed, run, number, run.global_flat)}
+            rows.append(_publish(fed, run, number, *_record(fed, run, rnd, first, stop)))
             break
         if verdict is not None:
             log.warning("round %d: %s", number, verdict.reason)

@@ -201,7 +201,7 @@ def build_adversary(cfg: RunConfig) -> Adversary | None:
     aggregator: Aggregator | None = None
     backdoor: tuple[Any, int] | None = None
     test_data: tuple[Tensor, Tensor] | None = None
-    if name in attack_names() and not is_client_side_attack(name):
+    if name in attack_names():  # omniscient; names are disjoint from the client-side ones
         attack = get_attack(name, **params)
         if attack.needs_aggregator:
             from server.run import build_rule
@@ -234,7 +234,7 @@ def build_adversary(cfg: RunConfig) -> Adversary | None:
 
 def _evaluators(cfg: RunConfig) -> tuple[Callable[[nn.Module], dict[str, float]], ...]:
     """Per-round evaluation extras: evasion accuracy (FGSM/PGD) and membership-inference AUC."""
-    from .audit.evasion import robust_accuracy
+    from .audit.evasion import EVASION_ATTACKS, robust_accuracy
     from .audit.membership import membership_auc
     from .task import build_task
 
@@ -247,10 +247,7 @@ def _evaluators(cfg: RunConfig) -> tuple[Callable[[nn.Module], dict[str, float]]
     x_test, y_test = task.test_data()
     seed = cfg.seed
     for attack, params in steps:
-        if attack not in ("fgsm", "pgd"):
-            raise KeyError(unknown_name_message("evasion attack", attack, ["fgsm", "pgd"]))
-        if "eps" not in params:
-            raise TypeError(f"eval-evasion {attack} needs eps, e.g. {attack}(eps=0.1)")
+        EVASION_ATTACKS.build(attack, **params)  # refuses an unknown name or parameter, or no eps
         p = dict(params)
         eps = float(p.pop("eps"))
         key = f"{attack}-accuracy@{eps:g}"

@@ -6,7 +6,8 @@ device. Updates are deltas (local weights minus the global weights), so the glob
 the attackers received, ``w_Re`` in [Fang et al., 2020], is the origin here. ``n = h + f``
 clients take part in the round.
 
-Attacks are registered by name in :data:`ATTACKS`; build one with :func:`get_attack`::
+Attacks are registered by name in :data:`ATTACKS`, each by the :func:`register_attack`
+line above its function; build one with :func:`get_attack`::
 
     attack = get_attack("alie")
     malicious = attack(honest, f=3, generator=make_generator(0))   # (3, d)
@@ -18,21 +19,26 @@ receives it as the ``aggregator`` argument: any object called as
 or name.
 
 The maths lives in module-level functions (:func:`alie`, :func:`min_max`, ...) that can be
-used directly; the registry only binds their hyperparameters.
+used directly; the registry only binds their hyperparameters. The names are distinct from
+the client-side attacks' (``client.poisoning``): the omniscient sign flip is
+``sign_flip_mean`` and the omniscient noise ``gaussian_noise``, while ``sign_flip`` and
+``gaussian`` are what one client does with its own update.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 import torch
 from torch import Tensor
 
-from aggregation.registry import Registry, check_params
+from aggregation.catalog import Check, Factory, optional
+from aggregation.registry import Registry
 
 __all__ = [
     "ATTACKS",
@@ -46,7 +52,7 @@ __all__ = [
     "fang_krum",
     "fang_krum_search",
     "fang_trimmed_mean",
-    "gaussian",
+    "gaussian_noise",
     "get_attack",
     "ipm",
     "mimic",
@@ -56,10 +62,12 @@ __all__ = [
     "min_sum",
     "min_sum_gamma",
     "perturbation_vector",
+    "register_attack",
     "scaling",
-    "sign_flip",
+    "sign_flip_mean",
 ]
 
+F = TypeVar("F", bound=Callable[..., Any])
 Perturbation = Literal["unit", "std", "sign"]
 _PERTURBATIONS: tuple[str, ...] = ("unit", "std", "sign")
 
@@ -152,7 +160,37 @@ class Attack:
         return out
 
 
-ATTACKS: Registry[Callable[..., Attack]] = Registry("attack")
+ATTACKS: Registry[Factory[Attack]] = Registry("attack")
+
+
+def register_attack(name: str, *, params: Mapping[str, Check] | None = None) -> Callable[[F], F]:
+    """Register the decorated ``fn(honest, f, *, hyper..., generator?, aggregator?)`` as the
+    omniscient attack ``name``; the function is returned unchanged.
+
+    ``params`` checks each hyperparameter (``fn``'s other keyword-only parameters) when the
+    attack is built. A function with a keyword-only ``generator`` gets the attack's
+    generator; one with ``aggregator`` gets the defense and needs it (``needs_aggregator``).
+    """
+    def decorator(fn: F) -> F:
+        takes = inspect.signature(fn).parameters
+        random, needs_aggregator = "generator" in takes, "aggregator" in takes
+
+        def make(p: dict[str, Any]) -> Attack:
+            def run(hon: Tensor, f: int, gen: torch.Generator,
+                    agg: AggregatorLike | None) -> Tensor:
+                extra: dict[str, Any] = {}
+                if random:
+                    extra["generator"] = gen
+                if needs_aggregator:
+                    extra["aggregator"] = agg
+                out: Tensor = fn(hon, f, **p, **extra)
+                return out
+            return Attack(name, needs_aggregator, p, run)
+
+        ATTACKS.register(name)(Factory(name, fn, make, params=params,
+                                       runtime=("generator", "aggregator")))
+        return fn
+    return decorator
 
 
 def get_attack(name: str, **params: Any) -> Attack:
@@ -169,12 +207,11 @@ def get_attack(name: str, **params: Any) -> Attack:
 
     Examples
     --------
-    >>> get_attack("sign_flip", scale=2.0).name
-    'sign_flip'
+    >>> get_attack("sign_flip_mean", scale=2.0).name
+    'sign_flip_mean'
     """
-    factory = ATTACKS.get(name)
-    check_params("attack", name, factory, params)
-    return factory(**params)
+    attack: Attack = ATTACKS.build(name, **params)
+    return attack
 
 
 def attack_names() -> list[str]:
@@ -221,6 +258,21 @@ def _check_real(name: str, param: str, value: float, *, low: float | None = None
     return value
 
 
+def _real(*, low: float, strict: bool = True) -> Check:
+    """A finite real above ``low`` (at least ``low`` unless ``strict``), bound as a float."""
+    def check(name: str, param: str, value: Any) -> float:
+        return _check_real(name, param, value, low=low, strict=strict)
+    return check
+
+
+def _check_perturbation(name: str, param: str, perturbation: Any) -> Perturbation:
+    if perturbation not in _PERTURBATIONS:
+        raise ValueError(
+            f"{name}: unknown {param} {perturbation!r}; valid: {', '.join(_PERTURBATIONS)}"
+        )
+    return perturbation  # type: ignore[no-any-return]
+
+
 def _repeat(row: Tensor, f: int) -> Tensor:
     """``(d,) -> (f, d)``, every attacker sending the same vector (a real copy)."""
     return row.unsqueeze(0).expand(f, -1).clone()
@@ -251,11 +303,14 @@ def _direction(mean: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- simple attacks
 
 
-def sign_flip(honest: Tensor, f: int, *, scale: float = 1.0) -> Tensor:
-    """Sign flipping: every attacker sends the reversed, scaled honest mean.
+@register_attack("sign_flip_mean", params={"scale": _real(low=0.0)})
+def sign_flip_mean(honest: Tensor, f: int, *, scale: float = 1.0) -> Tensor:
+    """Sign flipping of the honest mean: every attacker sends it reversed and scaled.
 
     ``m_k = -scale * mean_i(g_i)`` for ``k = 1..f`` [Allen-Zhu et al., 2021; Li et al.,
-    2019 (RSA)].
+    2019 (RSA)]. The omniscient form of the client-side ``sign_flip`` (which reverses the
+    attacker's own update); the same vector as :func:`ipm` with ``epsilon = scale``, kept
+    under this name for its default ``scale = 1``.
 
     Parameters
     ----------
@@ -273,12 +328,13 @@ def sign_flip(honest: Tensor, f: int, *, scale: float = 1.0) -> Tensor:
 
     Examples
     --------
-    >>> sign_flip(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 1, scale=2.0)
+    >>> sign_flip_mean(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 1, scale=2.0)
     tensor([[-4., -6.]])
     """
     return _repeat(-scale * honest.mean(dim=0), f)
 
 
+@register_attack("scaling", params={"scale": _real(low=0.0)})
 def scaling(honest: Tensor, f: int, *, scale: float = 10.0) -> Tensor:
     """Boosted honest mean, a stand-in for model replacement [Bagdasaryan et al., 2020].
 
@@ -299,12 +355,15 @@ def scaling(honest: Tensor, f: int, *, scale: float = 10.0) -> Tensor:
     return _repeat(scale * honest.mean(dim=0), f)
 
 
-def gaussian(honest: Tensor, f: int, *, std: float = 1.0,
-             generator: torch.Generator) -> Tensor:
+@register_attack("gaussian_noise", params={"std": _real(low=0.0)})
+def gaussian_noise(honest: Tensor, f: int, *, std: float = 1.0,
+                   generator: torch.Generator) -> Tensor:
     """Gaussian noise attack: each attacker sends an independent ``N(0, std^2 I_d)`` vector.
 
     [Blanchard et al., 2017, "Gaussian Byzantine" workers]. Only ``d`` and the dtype and
-    device are taken from ``honest``; the draws come from ``generator``.
+    device are taken from ``honest``; the draws come from ``generator``. Drawn by the
+    simulation adversary for all ``f`` attackers at once; the client-side ``gaussian``
+    (``std=...``) draws the same distribution on each attacker.
 
     Returns
     -------
@@ -314,12 +373,13 @@ def gaussian(honest: Tensor, f: int, *, std: float = 1.0,
     Examples
     --------
     >>> from aggregation.registry import make_generator
-    >>> gaussian(torch.zeros(3, 5), 2, std=0.1, generator=make_generator(0)).shape
+    >>> gaussian_noise(torch.zeros(3, 5), 2, std=0.1, generator=make_generator(0)).shape
     torch.Size([2, 5])
     """
     return std * _randn((f, honest.shape[1]), generator, honest)
 
 
+@register_attack("ipm", params={"epsilon": _real(low=0.0)})
 def ipm(honest: Tensor, f: int, *, epsilon: float = 0.1) -> Tensor:
     """Inner-product manipulation [Xie, Koyejo & Gupta, UAI 2020].
 
@@ -382,6 +442,7 @@ def alie_z_max(n: int, f: int) -> float:
     return statistics.NormalDist().inv_cdf((n - s) / n)
 
 
+@register_attack("alie", params={"z": optional(_real(low=0.0, strict=False))})
 def alie(honest: Tensor, f: int, *, z: float | None = None) -> Tensor:
     """"A Little Is Enough" [Baruch, Baruch & Goldberg, NeurIPS 2019].
 
@@ -553,6 +614,7 @@ def min_sum_gamma(honest: Tensor, p: Tensor) -> float:
     return float(_largest_root(a, b, c)[0])
 
 
+@register_attack("min_max", params={"perturbation": _check_perturbation})
 def min_max(honest: Tensor, f: int, *, perturbation: Perturbation = "unit") -> Tensor:
     """Min-max attack [Shejwalkar & Houmansadr, "Manipulating the Byzantine", NDSS 2021].
 
@@ -580,6 +642,7 @@ def min_max(honest: Tensor, f: int, *, perturbation: Perturbation = "unit") -> T
     return _repeat(honest.mean(dim=0) + gamma * p, f)
 
 
+@register_attack("min_sum", params={"perturbation": _check_perturbation})
 def min_sum(honest: Tensor, f: int, *, perturbation: Perturbation = "unit") -> Tensor:
     """Min-sum attack [Shejwalkar & Houmansadr, "Manipulating the Byzantine", NDSS 2021].
 
@@ -605,6 +668,7 @@ def min_sum(honest: Tensor, f: int, *, perturbation: Perturbation = "unit") -> T
 # --------------------------------------------------------------------------- Fang et al.
 
 
+@register_attack("fang_trimmed_mean", params={"b": _real(low=1.0)})
 def fang_trimmed_mean(honest: Tensor, f: int, *, b: float = 2.0,
                       generator: torch.Generator) -> Tensor:
     """Full-knowledge attack on trimmed mean / median [Fang et al., USENIX Security 2020].
@@ -740,6 +804,8 @@ def fang_krum_search(honest: Tensor, f: int, *, aggregator: AggregatorLike,
         lam /= 2
 
 
+@register_attack("fang_krum", params={"epsilon": _real(low=0.0, strict=False),
+                                        "stop_threshold": _real(low=0.0)})
 def fang_krum(honest: Tensor, f: int, *, aggregator: AggregatorLike,
               generator: torch.Generator, epsilon: float = 0.0,
               stop_threshold: float = 1e-5) -> Tensor:
@@ -774,6 +840,7 @@ def mimic_index(honest: Tensor) -> int:
     return int(torch.argmax(vecs[:, -1].abs()))
 
 
+@register_attack("mimic")
 def mimic(honest: Tensor, f: int) -> Tensor:
     """Mimic attack [Karimireddy, He & Jaggi, ICLR 2022]: all attackers copy one honest update.
 
@@ -792,89 +859,3 @@ def mimic(honest: Tensor, f: int) -> Tensor:
             [9.]])
     """
     return _repeat(honest[mimic_index(honest)], f)
-
-
-# --------------------------------------------------------------------------- registry
-
-
-@ATTACKS.register("sign_flip")
-def _make_sign_flip(scale: float = 1.0) -> Attack:
-    scale = _check_real("sign_flip", "scale", scale, low=0.0)
-    return Attack("sign_flip", False, {"scale": scale},
-                  lambda hon, f, gen, agg: sign_flip(hon, f, scale=scale))
-
-
-@ATTACKS.register("gaussian")
-def _make_gaussian(std: float = 1.0) -> Attack:
-    std = _check_real("gaussian", "std", std, low=0.0)
-    return Attack("gaussian", False, {"std": std},
-                  lambda hon, f, gen, agg: gaussian(hon, f, std=std, generator=gen))
-
-
-@ATTACKS.register("scaling")
-def _make_scaling(scale: float = 10.0) -> Attack:
-    scale = _check_real("scaling", "scale", scale, low=0.0)
-    return Attack("scaling", False, {"scale": scale},
-                  lambda hon, f, gen, agg: scaling(hon, f, scale=scale))
-
-
-@ATTACKS.register("alie")
-def _make_alie(z: float | None = None) -> Attack:
-    if z is not None:
-        z = _check_real("alie", "z", z, low=0.0, strict=False)
-    return Attack("alie", False, {"z": z}, lambda hon, f, gen, agg: alie(hon, f, z=z))
-
-
-@ATTACKS.register("ipm")
-def _make_ipm(epsilon: float = 0.1) -> Attack:
-    epsilon = _check_real("ipm", "epsilon", epsilon, low=0.0)
-    return Attack("ipm", False, {"epsilon": epsilon},
-                  lambda hon, f, gen, agg: ipm(hon, f, epsilon=epsilon))
-
-
-def _check_perturbation(name: str, perturbation: str) -> Perturbation:
-    if perturbation not in _PERTURBATIONS:
-        raise ValueError(
-            f"{name}: unknown perturbation {perturbation!r}; valid: {', '.join(_PERTURBATIONS)}"
-        )
-    return perturbation  # type: ignore[return-value]
-
-
-@ATTACKS.register("min_max")
-def _make_min_max(perturbation: Perturbation = "unit") -> Attack:
-    p = _check_perturbation("min_max", perturbation)
-    return Attack("min_max", False, {"perturbation": p},
-                  lambda hon, f, gen, agg: min_max(hon, f, perturbation=p))
-
-
-@ATTACKS.register("min_sum")
-def _make_min_sum(perturbation: Perturbation = "unit") -> Attack:
-    p = _check_perturbation("min_sum", perturbation)
-    return Attack("min_sum", False, {"perturbation": p},
-                  lambda hon, f, gen, agg: min_sum(hon, f, perturbation=p))
-
-
-@ATTACKS.register("fang_trimmed_mean")
-def _make_fang_trimmed_mean(b: float = 2.0) -> Attack:
-    b = _check_real("fang_trimmed_mean", "b", b, low=1.0)
-    return Attack("fang_trimmed_mean", False, {"b": b},
-                  lambda hon, f, gen, agg: fang_trimmed_mean(hon, f, b=b, generator=gen))
-
-
-@ATTACKS.register("fang_krum")
-def _make_fang_krum(epsilon: float = 0.0, stop_threshold: float = 1e-5) -> Attack:
-    epsilon = _check_real("fang_krum", "epsilon", epsilon, low=0.0, strict=False)
-    stop_threshold = _check_real("fang_krum", "stop_threshold", stop_threshold, low=0.0)
-
-    def run(hon: Tensor, f: int, gen: torch.Generator, agg: AggregatorLike | None) -> Tensor:
-        assert agg is not None  # Attack.__call__ refuses a missing aggregator
-        return fang_krum(hon, f, aggregator=agg, generator=gen, epsilon=epsilon,
-                         stop_threshold=stop_threshold)
-
-    return Attack("fang_krum", True, {"epsilon": epsilon, "stop_threshold": stop_threshold},
-                  run)
-
-
-@ATTACKS.register("mimic")
-def _make_mimic() -> Attack:
-    return Attack("mimic", False, {}, lambda hon, f, gen, agg: mimic(hon, f))

@@ -4,6 +4,25 @@
 and writes ``DIR/config.toml`` (the fully resolved config: re-running it reproduces the
 run), ``DIR/metrics.jsonl`` (one line per round) and ``DIR/audit.jsonl`` (who was kept
 and rejected each round, and why).
+
+``fedshield bench`` runs a scenario (:mod:`simulations.scenario`, run by
+:mod:`simulations.bench`). Every part of a scenario can be given or overridden on the
+command line::
+
+    fedshield bench quick --out results/quick
+    fedshield bench --dataset npz:PATH --attacks alie,ipm --defenses mean,krum,median \\
+        --clients 25 --malicious 5 --rounds 30 --seeds 0,1 --partition iid
+
+The flags override the TOML: a list flag replaces that axis, and a name in it that names
+an entry of the scenario selects that entry (``fedshield bench bucketing-mnist --defenses
+krum,krum+bucketing`` runs two of its defenses); other names are shorthands. ``--set
+key=value`` (repeatable) sets fixed keys; ``--clients`` and ``--rounds`` set
+``num-clients`` and ``num-server-rounds``.
+
+``fedshield audit inversion --defense "dp_sgd(noise_multiplier=0.1, max_grad_norm=1.0)"``
+inverts one client's update under each defense (:mod:`simulations.audit.inversion`).
+Components are named in the one spec grammar ``name(key=value, ...)``
+(:mod:`runconfig.spec`).
 """
 
 from __future__ import annotations
@@ -17,9 +36,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import Scalar, load_config, save_config
+from runconfig.spec import parse_params, parse_spec, split_top_level
 
-__all__ = ["main"]
+from . import __version__
+from .bench import DONE, default_jobs, run_bench
+from .config import Scalar, load_config, parse_override, save_config
+from .scenario import (
+    Scenario,
+    check_cells,
+    parse_entry,
+    parse_scenario,
+    read_scenario_data,
+    shipped_scenarios,
+)
+
+__all__ = ["add_bench_arguments", "build_parser", "main", "scenario_from_args"]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -141,34 +172,160 @@ def _plot_curves(results: Sequence[tuple[str, list[dict[str, Any]]]], path: Path
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------------------
+# fedshield bench
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``fedshield bench`` (read by :func:`scenario_from_args`)."""
+    p.add_argument(
+        "scenario", nargs="?",
+        help="scenario TOML file or the name of a shipped scenario (see --list)",
+    )
+    p.add_argument("--out", help="output folder (default results/bench/<name>)")
+    p.add_argument("--dataset", "--datasets", dest="dataset", metavar="LIST",
+                   help="datasets, comma-separated (digits, mnist, npz:PATH, ...)")
+    p.add_argument("--partition", "--partitions", dest="partition", metavar="LIST",
+                   help="partitions, e.g. 'iid,dirichlet(alpha=0.5)'")
+    p.add_argument("--attacks", "--attack", dest="attacks", metavar="LIST",
+                   help="attacks, e.g. 'none,alie,ipm(epsilon=10)'")
+    p.add_argument("--defenses", "--defense", dest="defenses", metavar="LIST",
+                   help="defenses, rule first then pre-aggregation steps, e.g. "
+                   "'mean,krum,median+bucketing(s=2)'")
+    p.add_argument("--malicious", metavar="LIST", help="values of f (num-malicious), e.g. 3,5")
+    p.add_argument("--seeds", "--seed", dest="seeds", metavar="LIST", help="seeds, e.g. 0,1,2")
+    p.add_argument("--clients", type=int, metavar="N", help="num-clients")
+    p.add_argument("--rounds", type=int, metavar="N", help="num-server-rounds")
+    p.add_argument("--set", action="append", metavar="key=value",
+                   help="a fixed run-config key (repeatable)")
+    p.add_argument("--name", help="scenario name (default: the TOML's)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help=f"worker processes (default {default_jobs()}; 0: in this process)")
+    p.add_argument("--force", action="store_true",
+                   help="run even if --out holds a different scenario")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--no-plots", action="store_true", help="skip heatmap.png and curves.png")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+    p.add_argument("--list", action="store_true", help="list the shipped scenarios and exit")
+
+
+def _select(axis: str, current: Sequence[Any], flag: str) -> list[Any]:
+    """A CLI list for ``axis``: names of existing entries select them, others are shorthands."""
+    by_name: dict[str, Any] = {}
+    for raw in current:
+        by_name[parse_entry(axis, raw).name] = raw
+    return [by_name.get(item, item) for item in split_top_level(flag, ",")]
+
+
+def scenario_from_args(args: argparse.Namespace) -> Scenario:
+    """The scenario of a ``fedshield bench`` command line: the TOML, then the flags."""
+    if args.scenario:
+        data, origin = read_scenario_data(args.scenario)
+        data = json.loads(json.dumps(data))  # deep copy
+    else:
+        data, origin = {"name": "bench"}, "command line"
+    fixed: dict[str, Any] = dict(data.get("fixed", {}))
+    matrix: dict[str, Any] = dict(data.get("matrix", {}))
+    for axis, flag in (("dataset", args.dataset), ("partition", args.partition),
+                       ("attack", args.attacks), ("defense", args.defenses)):
+        if flag is not None:
+            matrix[axis] = _select(axis, matrix.get(axis, []), flag)
+    if args.malicious is not None:
+        matrix["malicious"] = [int(v) for v in split_top_level(args.malicious, ",")]
+        fixed.pop("num-malicious", None)
+    if args.seeds is not None:
+        matrix["seed"] = [int(v) for v in split_top_level(args.seeds, ",")]
+        fixed.pop("seed", None)
+    if args.clients is not None:
+        fixed["num-clients"] = args.clients
+    if args.rounds is not None:
+        fixed["num-server-rounds"] = args.rounds
+    for text in args.set or ():
+        key, value = parse_override(text)
+        if key == "seed":
+            matrix["seed"] = [value]
+            fixed.pop("seed", None)
+        elif key == "num-malicious":
+            matrix["malicious"] = [value]
+            fixed.pop("num-malicious", None)
+        else:
+            fixed[key] = value
+    if args.name is not None:
+        data["name"] = args.name
+    data["fixed"], data["matrix"] = fixed, matrix
+    return parse_scenario(data, origin=origin)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.list:
+        for name, desc in shipped_scenarios().items():
+            print(f"{name:20s} {desc}")
+        return 0
+    scenario = scenario_from_args(args)
+    out = Path(args.out) if args.out else Path("results") / "bench" / scenario.name
+    if args.dry_run:
+        cells = scenario.cells()
+        check_cells(cells)
+        for cell in cells:
+            print(f"{cell.cell_id}  {cell.coords.label()}")
+        print(f"{len(cells)} cells -> {out}")
+        return 0
+    t0 = time.perf_counter()
+    try:
+        result = run_bench(
+            scenario, out, jobs=args.jobs, force=args.force, quiet=args.quiet,
+            plots=not args.no_plots,
+        )
+    except KeyboardInterrupt:
+        done = sum(1 for p in (out / "cells").glob(f"*/{DONE}"))
+        print(
+            f"\ninterrupted: {done} cell folder(s) in {out} are done; rerun the same command "
+            "to resume",
+            file=sys.stderr,
+        )
+        return 130
+    print()
+    print(result.markdown, end="")
+    failed = result.failed
+    print(f"\n{len(result.records)} cells in {time.perf_counter() - t0:.1f} s; results in {out}")
+    if failed:
+        print(
+            f"{len(failed)} cell(s) failed (see {out / 'failures.jsonl'}); rerun to retry them",
+            file=sys.stderr,
+        )
+    return result.exit_code
+
+
+# ---------------------------------------------------------------------------------------
+# fedshield audit
+
+
 DEFAULT_AUDIT_DEFENSES = (
     "none",
-    "clipping:max_norm=1.0",
-    "pruning:fraction=0.9",
-    "local_dp:clipping_norm=1.0,noise_std=0.01",
-    "dp_sgd:noise_multiplier=0.1,max_grad_norm=1.0",
-    "secagg_sum:k=4",
+    "clipping(max_norm=1.0)",
+    "pruning(fraction=0.9)",
+    "local_dp(clipping_norm=1.0, noise_std=0.01)",
+    "dp_sgd(noise_multiplier=0.1, max_grad_norm=1.0)",
+    "secagg_sum(k=4)",
 )
 
 
 def _cmd_audit_inversion(args: argparse.Namespace) -> int:
     """Gradient inversion against one client's update under each defense."""
-    from aggregation.registry import parse_params
-
-    from .audit.inversion import parse_defense_spec, run_inversion_audit
+    from .audit.inversion import run_inversion_audit
 
     attack_params: dict[str, dict[str, Any]] = {}
-    for spec in args.attack_param:
-        name, params = parse_defense_spec(spec)
-        attack_params.setdefault(name, {}).update(params)
-    defenses = [parse_defense_spec(d) for d in (args.defense or DEFAULT_AUDIT_DEFENSES)]
+    for text in args.attack_param:
+        spec = parse_spec(text, what="--attack-param")
+        attack_params.setdefault(spec.name, {}).update(spec.params)
+    defenses = [parse_spec(d, what="--defense") for d in (args.defense or DEFAULT_AUDIT_DEFENSES)]
     out = Path(args.out)
     t0 = time.perf_counter()
     rows = run_inversion_audit(
         args.model,
         args.dataset,
         attacks=args.attack or ("dlg", "idlg", "cosine"),
-        defenses=defenses,
+        defenses=[(d.name, d.params) for d in defenses],
         batch_sizes=args.batch_size or (1,),
         seed=args.seed,
         iterations=args.iterations,
@@ -185,7 +342,9 @@ def _cmd_audit_inversion(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fedshield`` parser: ``run``, ``demo``, ``bench``, ``audit inversion``."""
     parser = argparse.ArgumentParser(prog="fedshield", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"fedshield {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every round")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -202,9 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_demo)
 
-    from .bench import add_bench_parser
-
-    add_bench_parser(sub)
+    p = sub.add_parser(
+        "bench",
+        help="run a matrix of attacks x defenses and report which defense holds",
+        description="Run a matrix of federations (datasets x partitions x attacks x defenses "
+        "x f x seeds) and report which defense holds under which attack.",
+    )
+    add_bench_arguments(p)
+    p.set_defaults(func=_cmd_bench)
 
     audit = sub.add_parser("audit", help="privacy audits").add_subparsers(dest="audit", required=True)
     p = audit.add_parser(
@@ -216,15 +380,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="mlp")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--attack", action="append", help="dlg, idlg, cosine (repeatable; default all)")
-    p.add_argument("--defense", action="append", metavar="NAME[:k=v,...]",
-                   help="repeatable; default: " + " ".join(DEFAULT_AUDIT_DEFENSES))
+    p.add_argument("--defense", action="append", metavar="'NAME(k=v, ...)'",
+                   help="a defense and its parameters, e.g. "
+                   "--defense 'dp_sgd(noise_multiplier=0.1, max_grad_norm=1.0)' (repeatable); "
+                   "default: " + "; ".join(DEFAULT_AUDIT_DEFENSES))
     p.add_argument("--batch-size", action="append", type=int, help="repeatable; default 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--trials", type=int, default=1, help="victim batches per cell")
     p.add_argument("--lr", type=float, default=0.1, help="the victim's learning rate")
-    p.add_argument("--model-param", action="append", default=[], metavar="k=v")
-    p.add_argument("--attack-param", action="append", default=[], metavar="ATTACK:k=v")
+    p.add_argument("--model-param", action="append", default=[], metavar="k=v",
+                   help="a model hyperparameter (repeatable), e.g. --model-param 'hidden=[64]'")
+    p.add_argument("--attack-param", action="append", default=[], metavar="'ATTACK(k=v, ...)'",
+                   help="an attack's parameters (repeatable), e.g. "
+                   "--attack-param 'cosine(tv_weight=0.001)'")
     p.add_argument("--out", default="results/audit-inversion")
     p.set_defaults(func=_cmd_audit_inversion)
     return parser

@@ -3,22 +3,22 @@
 The same keys form ``[tool.flwr.app.config]`` in ``pyproject.toml`` (a test keeps the two
 identical), so ``flwr run . --run-config "k=v"`` and ``fedshield run key=value`` take the
 same settings. Unknown keys and values of the wrong type are rejected, never dropped.
+``key=value`` overrides are read by :func:`runconfig.overrides.parse_override` (re-exported
+here), the one reader the deploy tools use too.
 """
 
 from __future__ import annotations
 
-import ast
 import difflib
-import json
-import sys
+import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+import tomli_w
+
+from runconfig.config import APP_KEYS
+from runconfig.overrides import Scalar, parse_override
 
 __all__ = [
     "APP_DEFAULTS",
@@ -31,56 +31,9 @@ __all__ = [
     "save_config",
 ]
 
-Scalar = bool | int | float | str
-
-# Keys of the Flower app: identical to [tool.flwr.app.config] in pyproject.toml.
-APP_DEFAULTS: dict[str, Scalar] = {
-    # federation
-    "num-server-rounds": 20,
-    "clients-per-round": 0,
-    "min-clients": 2,
-    "round-timeout": 600.0,
-    "node-wait-timeout": 120.0,
-    "server-device": "cpu",
-    # defense
-    "aggregator": "mean",
-    "aggregator-params": "",
-    "pre-aggregation": "",
-    # task
-    "task": "simulations.task:build_task",
-    "dataset": "digits",
-    "partitioner": "iid",
-    "partitioner-params": "",
-    "model": "mlp",
-    "model-params": "",
-    # local training
-    "local-epochs": 2,
-    "batch-size": 32,
-    "learning-rate": 0.3,
-    "optimizer": "sgd",
-    "momentum": 0.0,
-    "weight-decay": 0.0,
-    "device": "auto",
-    # privacy and robustness defenses ("" = off; else key=value parameters)
-    "central-dp": "",
-    "dp-sgd": "",
-    "local-dp": "",
-    "adversarial-training": "",
-    # extra per-round evaluation of the global model
-    "eval-evasion": "",
-    "eval-membership": False,
-    # threat model
-    "num-malicious": 0,
-    "attack": "sign_flip",
-    "attack-params": "",
-    "attack-start-round": 1,
-    "attack-knowledge": "omniscient",
-    "adversary": "simulations.adversary:build_adversary",
-    # bookkeeping
-    "seed": 0,
-    "out-dir": "",
-    "resume": False,
-}
+# Keys of the Flower app: identical to [tool.flwr.app.config] in pyproject.toml; the
+# typed run config (runconfig.config.RunConfig) is their one definition.
+APP_DEFAULTS: dict[str, Scalar] = dict(APP_KEYS)
 
 # Keys only the in-process engine reads (Flower's own simulation takes the number of
 # SuperNodes from --federation-config num-supernodes=N instead).
@@ -105,32 +58,6 @@ def _coerce(key: str, value: Any, defaults: Mapping[str, Scalar]) -> Scalar:
             f"got {type(value).__name__} {value!r}"
         )
     return value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Parse one ``key=value`` override; the value is a Python/TOML literal or a bare string.
-
-    Examples
-    --------
-    >>> parse_override("num-malicious=3")
-    ('num-malicious', 3)
-    >>> parse_override("aggregator=krum")
-    ('aggregator', 'krum')
-    """
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"override {text!r} is not key=value")
-    raw = raw.strip()
-    lowered = raw.lower()
-    if lowered in ("true", "false"):
-        return key.strip(), lowered == "true"
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw
-    if not isinstance(value, (bool, int, float, str)):
-        value = raw
-    return key.strip(), value
 
 
 def resolve_config(
@@ -171,16 +98,15 @@ def load_config(
 
 
 def save_config(cfg: Mapping[str, Scalar], path: str | Path) -> None:
-    """Write the fully resolved config as TOML (re-loadable with :func:`load_config`)."""
-    lines = [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in cfg.items()]
-    Path(path).write_text("\n".join(lines) + "\n")
+    """Write the fully resolved config as UTF-8 TOML (re-loadable with :func:`load_config`).
 
-
-def _toml_value(v: Scalar) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float):
-        return repr(v)
-    if isinstance(v, int):
-        return str(v)
-    return json.dumps(v)
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     save_config({"out-dir": "résultats/é", "seed": 1}, Path(tmp) / "c.toml")
+    ...     print((Path(tmp) / "c.toml").read_text(encoding="utf-8"), end="")
+    out-dir = "résultats/é"
+    seed = 1
+    """
+    Path(path).write_text(tomli_w.dumps(dict(cfg)), encoding="utf-8")

@@ -31,7 +31,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -205,6 +205,16 @@ class DatasetLoader:
 
 
 DATASETS: Registry[DatasetLoader] = Registry("dataset")
+"""``DATASETS.build(key, arg=..., seed=..., test_fraction=..., data_dir=...)`` loads one."""
+
+
+def register_dataset(name: str, *, fixed_split: bool) -> Callable[[_LoadFn], _LoadFn]:
+    """Register the decorated loader ``load(arg, *, seed, test_fraction, data_dir)`` as the
+    dataset ``name``; the function is returned unchanged."""
+    def decorator(load: _LoadFn) -> _LoadFn:
+        DATASETS.register(name)(DatasetLoader(load, fixed_split=fixed_split))
+        return load
+    return decorator
 
 
 def load_dataset(
@@ -264,8 +274,9 @@ def load_dataset(
             f"test_fraction must lie in (0, 1), got {test_fraction}: try 0.2"
         )
     key, _, arg = name.partition(":")
-    loader = DATASETS.get(key)
-    return loader(arg, seed=seed, test_fraction=float(test_fraction), data_dir=data_dir)
+    dataset: Dataset = DATASETS.build(key, arg=arg, seed=seed, test_fraction=float(test_fraction),
+                                      data_dir=data_dir)
+    return dataset
 
 
 def _no_arg(key: str, arg: str) -> None:
@@ -511,6 +522,7 @@ def _split_dataset(
 # Loaders
 
 
+@register_dataset("digits", fixed_split=False)
 def _digits(arg: str, *, seed: int, test_fraction: float, data_dir: str | None) -> Dataset:
     """scikit-learn's bundled digits [Alpaydin & Kaynak, 1998]: 1797 8x8 images, 10 classes.
 
@@ -525,11 +537,10 @@ def _digits(arg: str, *, seed: int, test_fraction: float, data_dir: str | None) 
     return _split_dataset("digits", x, y, seed=seed, test_fraction=test_fraction)
 
 
-DATASETS.register("digits")(DatasetLoader(_digits, fixed_split=False))
-
 _SYN_CLASSES, _SYN_FEATURES, _SYN_PER_CLASS, _SYN_SEPARATION = 10, 32, 300, 0.5
 
 
+@register_dataset("synthetic", fixed_split=False)
 def _synthetic(arg: str, *, seed: int, test_fraction: float, data_dir: str | None) -> Dataset:
     """Gaussian blobs: ``mu_c ~ N(0, 0.25 I_32)``, ``x | c ~ N(mu_c, I_32)``, 10 classes.
 
@@ -545,16 +556,11 @@ def _synthetic(arg: str, *, seed: int, test_fraction: float, data_dir: str | Non
     return _split_dataset("synthetic", x, y, seed=seed, test_fraction=test_fraction)
 
 
-DATASETS.register("synthetic")(DatasetLoader(_synthetic, fixed_split=False))
-
-
+@register_dataset("npz", fixed_split=True)
 def _npz(arg: str, *, seed: int, test_fraction: float, data_dir: str | None) -> Dataset:
     if not arg:
         raise ValueError("dataset 'npz' needs a path: use 'npz:/path/to/file.npz'")
     return load_npz(arg)
-
-
-DATASETS.register("npz")(DatasetLoader(_npz, fixed_split=True))
 
 
 def _env_true(var: str) -> bool:

@@ -29,6 +29,7 @@ __all__ = ["InProcessGrid", "run_in_process"]
 FaultFn = Callable[[int, Message], bool]
 
 _SERVER_NODE_ID = 1
+ENGINE_KEYS = frozenset({"num-clients"})
 
 
 def _set_task_identity(run_id: int) -> None:
@@ -80,7 +81,8 @@ class InProcessGrid(Grid):
                 node_id=nid,
                 node_config={"partition-id": i, "num-partitions": num_nodes},
                 state=RecordDict(),
-                run_config=dict(run_config),
+                # the engine's own keys (num-clients) are not the app's: nodes never see them
+                run_config={k: v for k, v in run_config.items() if k not in ENGINE_KEYS},
             )
             for i, nid in enumerate(self.node_ids)
         }

@@ -28,14 +28,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from aggregation.registry import Registry, check_params, derive_seed
+from aggregation.catalog import Factory, register_function
+from aggregation.registry import Registry, derive_seed
 
 __all__ = ["MODELS", "build_model", "cnn", "logreg", "mlp", "num_parameters"]
 
 ModelFactory = Callable[..., nn.Module]
 """``factory(input_shape, num_classes, /, **params) -> nn.Module``."""
 
-MODELS: Registry[ModelFactory] = Registry("model")
+MODELS: Registry[Factory[ModelFactory]] = Registry("model")
+"""``MODELS.build(name, **params)`` is the model's factory with its hyperparameters bound."""
 
 
 def build_model(
@@ -87,8 +89,7 @@ def build_model(
     >>> m(torch.zeros(5, 1, 8, 8)).shape
     torch.Size([5, 10])
     """
-    factory = MODELS.get(name)
-    check_params("model", name, factory, params)
+    factory: ModelFactory = MODELS.build(name, **params)
     shape = _check_shape(name, input_shape)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"model {name!r} needs an int num_classes >= 2, got {num_classes!r}")
@@ -100,7 +101,7 @@ def build_model(
         raise TypeError(f"generator must be a torch.Generator or None, got {generator!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = factory(shape, num_classes, **params)
+        model = factory(shape, num_classes)
     return model
 
 
@@ -134,7 +135,7 @@ def _int_tuple(name: str, key: str, value: Sequence[int] | int) -> tuple[int, ..
     return values
 
 
-@MODELS.register("logreg")
+@register_function(MODELS, "logreg")
 def logreg(input_shape: tuple[int, ...], num_classes: int, /) -> nn.Module:
     """Multinomial logistic regression: ``logits = W vec(x) + b``.
 
@@ -148,7 +149,7 @@ def logreg(input_shape: tuple[int, ...], num_classes: int, /) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
 
 
-@MODELS.register("mlp")
+@register_function(MODELS, "mlp")
 def mlp(
     input_shape: tuple[int, ...],
     num_classes: int,
@@ -192,7 +193,7 @@ def mlp(
     return nn.Sequential(*layers)
 
 
-@MODELS.register("cnn")
+@register_function(MODELS, "cnn")
 def cnn(
     input_shape: tuple[int, ...],
     num_classes: int,

@@ -32,7 +32,8 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from aggregation.registry import Registry, check_params
+from aggregation.catalog import Factory, register_function
+from aggregation.registry import Registry
 
 __all__ = ["PARTITIONERS", "dirichlet", "iid", "label_counts", "partition", "shards"]
 
@@ -40,7 +41,8 @@ IntArray = npt.NDArray[np.int64]
 PartitionFn = Callable[..., list[IntArray]]
 """A kernel ``fn(labels (N,) int64, n, rng, /, **params) -> n index arrays``."""
 
-PARTITIONERS: Registry[PartitionFn] = Registry("partitioner")
+PARTITIONERS: Registry[Factory[PartitionFn]] = Registry("partitioner")
+"""``PARTITIONERS.build(name, **params)`` is the kernel with its hyperparameters bound."""
 
 _DIRICHLET_MAX_TRIES = 1000
 
@@ -93,8 +95,7 @@ def partition(
     >>> torch.cat(parts).sort().values.tolist() == list(range(10))
     True
     """
-    fn = PARTITIONERS.get(name)
-    check_params("partitioner", name, fn, params)
+    fn = PARTITIONERS.build(name, **params)
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -118,7 +119,7 @@ def partition(
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     rng = np.random.default_rng(seed)
     y = labels.detach().to("cpu", torch.int64).numpy()
-    parts = fn(y, num_clients, rng, **params)
+    parts = fn(y, num_clients, rng)
     _check_cover(name, parts, n_samples, num_clients)
     return [torch.from_numpy(np.sort(p).astype(np.int64)).to(labels.device) for p in parts]
 
@@ -163,7 +164,7 @@ def label_counts(labels: Tensor, parts: Sequence[Tensor], num_classes: int) -> T
     return torch.stack(rows)
 
 
-@PARTITIONERS.register("iid")
+@register_function(PARTITIONERS, "iid")
 def iid(labels: IntArray, n: int, rng: np.random.Generator, /) -> list[IntArray]:
     """IID partition: a uniformly random permutation cut into ``n`` near-equal blocks.
 
@@ -182,7 +183,7 @@ def iid(labels: IntArray, n: int, rng: np.random.Generator, /) -> list[IntArray]
     return [p.astype(np.int64) for p in np.array_split(rng.permutation(labels.shape[0]), n)]
 
 
-@PARTITIONERS.register("dirichlet")
+@register_function(PARTITIONERS, "dirichlet")
 def dirichlet(
     labels: IntArray, n: int, rng: np.random.Generator, /, *, alpha: float, min_size: int = 1
 ) -> list[IntArray]:
@@ -251,7 +252,7 @@ def dirichlet(
     )
 
 
-@PARTITIONERS.register("shards")
+@register_function(PARTITIONERS, "shards")
 def shards(
     labels: IntArray, n: int, rng: np.random.Generator, /, *, shards_per_client: int = 2
 ) -> list[IntArray]:

@@ -12,7 +12,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from aggregation.registry import config_value, derive_seed, make_generator, parse_params
+from aggregation.registry import derive_seed, make_generator
+from runconfig.config import config_value
+from runconfig.spec import parse_params
 
 from .datasets import Dataset, load_dataset
 from .models import build_model

@@ -1,7 +1,8 @@
 """Audits of what a federated update leaks and how robust the model is.
 
-* :mod:`.inversion`: gradient inversion by a curious server (DLG, iDLG, inverting
-  gradients) under the defenses of :mod:`.defenses`, scored by :mod:`.metrics`;
+* :mod:`.inversion`: the gradient-inversion audit by a curious server, with the attacks of
+  :mod:`.inversion_attacks` (DLG, iDLG, inverting gradients) under the defenses of
+  :mod:`.defenses`, scored by :mod:`.metrics`, written out by :mod:`.inversion_report`;
   :func:`run_inversion_audit` is the entry point of ``fedshield audit inversion``.
 * :mod:`.membership`: loss-threshold membership inference (AUC, advantage).
 * :mod:`.evasion`: robust accuracy under FGSM / PGD.
@@ -13,22 +14,15 @@ from __future__ import annotations
 
 from .defenses import DEFENSES, ClientStep, Observation, make_defense
 from .evasion import EVASION_ATTACKS, robust_accuracy, robust_accuracy_curve
-from .inversion import (
-    ATTACKS,
-    Reconstruction,
-    evaluate_reconstruction,
-    invert,
-    parse_defense_spec,
-    recover_labels,
-    run_inversion_audit,
-)
+from .inversion import evaluate_reconstruction, run_inversion_audit
+from .inversion_attacks import INVERSION_ATTACKS, Reconstruction, invert, recover_labels
 from .membership import membership_advantage, membership_auc
 from .metrics import psnr, ssim
 
 __all__ = [
-    "ATTACKS",
     "DEFENSES",
     "EVASION_ATTACKS",
+    "INVERSION_ATTACKS",
     "ClientStep",
     "Observation",
     "Reconstruction",
@@ -37,7 +31,6 @@ __all__ = [
     "make_defense",
     "membership_advantage",
     "membership_auc",
-    "parse_defense_spec",
     "psnr",
     "recover_labels",
     "robust_accuracy",

@@ -26,7 +26,15 @@ noise_std)
 ========================  ==================================================  ============
 
 ``clip_C(v) = v * min(1, C / ||v||_2)`` over all parameters flattened together. "update"
-units mean the parameter is on the scale of ``u = -lr g``, as ``client/dp.py`` applies it.
+units mean the parameter is on the scale of ``u = -lr g``, as the client applies it.
+
+The defenses call the real mechanisms, so the audit measures what the code does: clipping
+and noise come from the privacy core (:func:`privacy.clip_updates`, whose safety margin
+keeps every clipped norm ``<= C`` exactly, and :func:`privacy.gaussian_noise`), local DP is
+:func:`client.local_dp.local_dp_update`. The DP-SGD step is written out here from the same
+pieces (per-example clipping, one Gaussian draw), because Opacus's trainer
+(:mod:`client.dp_sgd`) samples its own Poisson batches and trains the model in place,
+whereas the audit needs one step on a fixed batch ``B``.
 """
 
 from __future__ import annotations
@@ -41,7 +49,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from aggregation.registry import Registry, check_params
+from aggregation.registry import Registry
+from client.local_dp import local_dp_update
+from privacy import clip_updates, gaussian_noise
 
 __all__ = [
     "DEFENSES",
@@ -49,7 +59,6 @@ __all__ = [
     "Defense",
     "Observation",
     "batch_gradient",
-    "clip_by_norm",
     "describe",
     "draw_client_batches",
     "dp_sgd_gradient",
@@ -210,23 +219,6 @@ def unflatten(flat: Tensor, like: Sequence[Tensor]) -> tuple[Tensor, ...]:
     return tuple(out)
 
 
-def clip_by_norm(v: Tensor, max_norm: float) -> Tensor:
-    """``v * min(1, C / ||v||_2)`` along the last dimension (so ``(B, d)`` clips each row).
-
-    A zero vector stays zero. Raises ``ValueError`` unless ``max_norm > 0``.
-    """
-    if not max_norm > 0:
-        raise ValueError(f"clipping needs max_norm > 0, got {max_norm}")
-    norm = v.norm(dim=-1, keepdim=True)
-    return v * torch.clamp(max_norm / norm, max=1.0)
-
-
-def _noise(shape: torch.Size | tuple[int, ...], std: float, like: Tensor,
-           generator: torch.Generator) -> Tensor:
-    z = torch.randn(shape, generator=generator, dtype=like.dtype, device=generator.device)
-    return std * z.to(like.device)
-
-
 def dp_sgd_gradient(
     per_sample: Tensor,
     *,
@@ -237,12 +229,13 @@ def dp_sgd_gradient(
     """The DP-SGD gradient of one batch [Abadi et al., 2016].
 
     ``g~ = (sum_i g_i min(1, C / ||g_i||) + N(0, (z C)^2 I)) / B``, the step Opacus takes
-    with expected batch size ``B``.
+    with expected batch size ``B``: :func:`privacy.clip_updates` on the rows, then
+    :func:`privacy.gaussian_noise` drawn on the generator's device.
 
     Parameters
     ----------
     per_sample
-        ``(B, d)`` flattened per-example gradients.
+        ``(B, d)`` flattened per-example gradients, finite.
     noise_multiplier
         ``z >= 0``.
     max_grad_norm
@@ -258,22 +251,24 @@ def dp_sgd_gradient(
     Raises
     ------
     ValueError
-        If ``per_sample`` is not 2-D, ``z < 0`` or ``C <= 0``.
+        If ``per_sample`` is not a finite 2-D float tensor, ``z < 0`` or ``C <= 0``.
 
     Examples
     --------
-    >>> g = torch.tensor([[3.0, 4.0], [0.0, 0.5]])
-    >>> dp_sgd_gradient(g, noise_multiplier=0.0, max_grad_norm=1.0,
-    ...                 generator=torch.Generator()).tolist()
-    [0.30000001192092896, 0.6499999761581421]
+    >>> g = torch.tensor([[3.0, 4.0], [0.0, 0.5]], dtype=torch.float64)
+    >>> out = dp_sgd_gradient(g, noise_multiplier=0.0, max_grad_norm=1.0,
+    ...                       generator=torch.Generator())
+    >>> [round(v, 6) for v in out.tolist()]
+    [0.3, 0.65]
     """
     if per_sample.ndim != 2:
         raise ValueError(f"dp_sgd needs (B, d) per-sample gradients, got {tuple(per_sample.shape)}")
     if not noise_multiplier >= 0:
         raise ValueError(f"dp_sgd needs noise_multiplier >= 0, got {noise_multiplier}")
-    clipped = clip_by_norm(per_sample, max_grad_norm).sum(dim=0)
-    noisy = clipped + _noise(clipped.shape, noise_multiplier * max_grad_norm, clipped, generator)
-    return noisy / per_sample.shape[0]
+    clipped = clip_updates(per_sample, max_grad_norm)[0].sum(dim=0)  # (d,)
+    noise = gaussian_noise(clipped.shape[0], noise_multiplier * max_grad_norm,
+                           generator=generator, dtype=clipped.dtype)
+    return (clipped + noise.to(clipped.device)) / per_sample.shape[0]
 
 
 def prune_smallest(v: Tensor, fraction: float) -> Tensor:
@@ -399,8 +394,9 @@ class DpSgd:
 class LocalDp:
     """Update-level local DP: ``u~ = clip_C(u) + N(0, s^2 I)`` with ``u = -lr g``.
 
-    The server sees ``-u~ / lr``. ``clipping_norm`` and ``noise_std`` are in update units,
-    as ``client/dp.py``'s ``local_dp_update`` takes them [Sun et al., 2021].
+    The server sees ``-u~ / lr``. ``clipping_norm`` and ``noise_std`` are in update units:
+    this is the client's own :func:`client.local_dp.local_dp_update` [Sun et al., 2021],
+    run on the generator's device.
     """
 
     clipping_norm: float
@@ -413,14 +409,18 @@ class LocalDp:
 
     def __call__(self, step: ClientStep, *, generator: torch.Generator) -> Observation:
         g = batch_gradient(step.model, step.x, step.y)
-        u = clip_by_norm(-step.lr * flatten(g), self.clipping_norm)
-        u = u + _noise(u.shape, self.noise_std, u, generator)
-        return Observation(unflatten(-u / step.lr, g), step.batch_size, step.batch_size)
+        u = -step.lr * flatten(g)
+        sent = local_dp_update(u.to(generator.device), self.clipping_norm,
+                               noise_std=self.noise_std, generator=generator).to(u.device)
+        return Observation(unflatten(-sent / step.lr, g), step.batch_size, step.batch_size)
 
 
 @dataclass(frozen=True)
 class Clipping:
-    """Update clipping ``clip_C(u)``, ``u = -lr g``; the server sees ``-clip_C(u) / lr``."""
+    """Update clipping ``clip_C(u)``, ``u = -lr g``; the server sees ``-clip_C(u) / lr``.
+
+    ``clip_C`` is :func:`privacy.clip_updates` on the one row ``u``.
+    """
 
     max_norm: float
     name: str = field(default="clipping", init=False)
@@ -430,7 +430,7 @@ class Clipping:
 
     def __call__(self, step: ClientStep, *, generator: torch.Generator) -> Observation:
         g = batch_gradient(step.model, step.x, step.y)
-        u = clip_by_norm(-step.lr * flatten(g), self.max_norm)
+        u = clip_updates((-step.lr * flatten(g)).unsqueeze(0), self.max_norm)[0][0]  # (d,)
         return Observation(unflatten(-u / step.lr, g), step.batch_size, step.batch_size)
 
 
@@ -510,9 +510,8 @@ def make_defense(name: str, **params: Any) -> Defense:
     >>> make_defense("pruning", fraction=0.9)
     Pruning(fraction=0.9, name='pruning')
     """
-    factory = DEFENSES.get(name)
-    check_params("defense", name, factory, params)
-    return factory(**params)
+    defense: Defense = DEFENSES.build(name, **params)
+    return defense
 
 
 def describe(name: str, params: Mapping[str, Any]) -> str:

@@ -19,21 +19,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from aggregation.registry import Registry, check_params
+from aggregation.catalog import Factory, register_function
+from aggregation.registry import Registry
 from client.adversarial import Box, fgsm, pgd
 
 __all__ = ["EVASION_ATTACKS", "robust_accuracy", "robust_accuracy_curve"]
 
-EVASION_ATTACKS: Registry[Callable[..., Tensor]] = Registry("evasion attack")
+EVASION_ATTACKS: Registry[Factory[Callable[..., Tensor]]] = Registry("evasion attack")
+"""``EVASION_ATTACKS.build(name, eps=..., **params)`` is the attack
+``(model, x, y, *, generator) -> x'`` with its parameters bound."""
 
 
-@EVASION_ATTACKS.register("fgsm")
+@register_function(EVASION_ATTACKS, "fgsm", runtime=("generator",))
 def _fgsm(model: nn.Module, x: Tensor, y: Tensor, *, eps: float,
           generator: torch.Generator | None = None, clamp: Box = (0.0, 1.0)) -> Tensor:
     return fgsm(model, x, y, eps, clamp=clamp)
 
 
-@EVASION_ATTACKS.register("pgd")
+@register_function(EVASION_ATTACKS, "pgd", runtime=("generator",))
 def _pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float,
          generator: torch.Generator | None = None, alpha: float | None = None,
          steps: int = 10, random_start: bool = True, clamp: Box = (0.0, 1.0)) -> Tensor:
@@ -99,8 +102,7 @@ def robust_accuracy(
     >>> robust_accuracy(model, x, model(x).argmax(1), attack="fgsm", eps=0.0)
     1.0
     """
-    fn = EVASION_ATTACKS.get(attack)
-    check_params("evasion attack", attack, fn, params)
+    fn = EVASION_ATTACKS.build(attack, eps=eps, **params)
     n = int(x.shape[0])
     if n == 0 or y.shape != (n,):
         raise ValueError(
@@ -116,7 +118,7 @@ def robust_accuracy(
         correct = 0
         for start in range(0, n, size):
             xb, yb = x[start:start + size], y[start:start + size]
-            x_adv = fn(model, xb, yb, eps=eps, generator=generator, **params)
+            x_adv = fn(model, xb, yb, generator=generator)
             with torch.no_grad():
                 correct += int((model(x_adv).argmax(dim=1) == yb).sum())
     finally:

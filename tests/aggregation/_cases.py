@@ -44,14 +44,16 @@ def build_pre(name: str) -> aggregation.PreAggregator:
 
 
 def case_ids() -> list[str]:
-    """Every rule alone and behind every pre-aggregation step: 'krum', 'bucketing+krum'."""
+    """Every rule alone and behind every pre-aggregation step: 'krum', 'krum+bucketing'."""
     rules = aggregation.names()
-    return rules + [f"{p}+{r}" for r in rules for p in aggregation.pre_names()]
+    return rules + [f"{r}+{p}" for r in rules for p in aggregation.pre_names()]
 
 
 def build_case(case: str) -> aggregation.Aggregator:
-    *pre, rule = case.split("+")
-    return aggregation.compose(build_rule(rule), [build_pre(p) for p in pre])
+    rule, *pre = case.split("+")
+    agg = aggregation.compose(build_rule(rule), [build_pre(p) for p in pre])
+    assert agg.name == case
+    return agg
 
 
 def is_random(agg: aggregation.Aggregator) -> bool:

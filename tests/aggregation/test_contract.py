@@ -49,7 +49,7 @@ def _kept_is_tie_free(case: str) -> bool:
     """nnm gives clients with the same neighbour set *identical* rows, so which of them a
     selection rule keeps is an exact tie, broken by position: the update is the same, the
     kept client may differ."""
-    return not case.startswith("nnm+")
+    return not case.endswith("+nnm")
 
 
 def test_every_rule_and_step_is_covered() -> None:
@@ -66,8 +66,8 @@ def test_declarations_match_the_documented_table() -> None:
     assert set(aggregation.names()) - set(WITHIN_BOUNDS) == {"centered_clipping"}
     assert set(aggregation.names()) - set(TRANSLATION) == {"centered_clipping"}
     assert set(aggregation.names()) - set(SCALE) == {"centered_clipping", "geometric_median"}
-    assert not any(c.startswith("bucketing+") for c in PERMUTATION_INVARIANT)
-    assert not any(c.startswith("norm_clip+") for c in TRANSLATION + SCALE + WITHIN_BOUNDS)
+    assert not any(c.endswith("+bucketing") for c in PERMUTATION_INVARIANT)
+    assert not any(c.endswith("+norm_clip") for c in TRANSLATION + SCALE + WITHIN_BOUNDS)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -213,7 +213,7 @@ def _ignores_weights(case: str) -> bool:
     agg = build_case(case)
     rule = getattr(agg, "rule", agg)
     # bucketing weighs the members of a bucket, whatever the rule after it does
-    return not getattr(rule, "use_weights", True) and not case.startswith("bucketing+")
+    return not getattr(rule, "use_weights", True) and not case.endswith("+bucketing")
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if _ignores_weights(c)])
@@ -240,6 +240,6 @@ def test_updates_near_the_dtype_maximum_neither_overflow_nor_dominate(
     for data in (one, two):
         for weights in (None, w):
             assert bool(torch.isfinite(_call(agg, data, weights).update).all())
-    if not case.endswith("+mean") and case != "mean":
+    if case.split("+")[0] != "mean":
         for weights in (None, w):
             assert float(_call(agg, one, weights).update.abs().max()) < 100.0

@@ -45,7 +45,7 @@ def _bad_inputs() -> list[Any]:
 
 
 @pytest.mark.parametrize(("updates", "weights", "message"), _bad_inputs())
-@pytest.mark.parametrize("case", RULE_CASES + [f"{p}+median" for p in STEP_CASES])
+@pytest.mark.parametrize("case", RULE_CASES + [f"median+{p}" for p in STEP_CASES])
 def test_bad_input_raises_for_every_rule(case: str, updates: Any, weights: Any,
                                          message: str) -> None:
     agg = build_case(case)
@@ -149,7 +149,7 @@ def test_registered_bucketing_without_generator() -> None:
 
 
 def test_composition_says_how_many_rows_the_steps_left() -> None:
-    agg = build_case("bucketing+bulyan")  # f = 1: 13 clients become 7 rows, fine
+    agg = build_case("bulyan+bucketing")  # f = 1: 13 clients become 7 rows, fine
     agg(_x(13), generator=gen(0))
     with pytest.raises(ValueError, match=r"bulyan needs n >= 4f \+ 3, got n=6, f=1.*"
                                          r"output of bucketing: 12 clients became 6 rows"):

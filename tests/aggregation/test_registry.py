@@ -60,9 +60,9 @@ def test_missing_parameter_raises() -> None:
 
 def test_duplicate_registration_raises() -> None:
     with pytest.raises(ValueError, match="aggregator 'mean' is already registered"):
-        RULES.register("mean")(lambda: aggregation.get("mean"))
+        RULES.register("mean")(RULES.get("median"))
     with pytest.raises(ValueError, match="pre-aggregator 'nnm' is already registered"):
-        PRE_AGGREGATORS.register("nnm")(lambda: aggregation.get_pre("nnm", f=0))
+        PRE_AGGREGATORS.register("nnm")(PRE_AGGREGATORS.get("norm_clip"))
     assert aggregation.names().count("mean") == 1
 
 
@@ -95,3 +95,54 @@ def test_seed_helpers_are_exported() -> None:
     c = aggregation.make_generator(aggregation.derive_seed(3, "round", 2))
     ra, rb, rc = (torch.randperm(20, generator=g) for g in (a, b, c))
     assert torch.equal(ra, rb) and not torch.equal(ra, rc)
+
+
+def test_each_rule_and_step_is_registered_on_its_own_function() -> None:
+    """One function, one registration line: the entry wraps the module-level function."""
+    from aggregation import pre, rules
+
+    for name in aggregation.names():
+        assert RULES.get(name).fn is getattr(rules, name)
+    for name in aggregation.pre_names():
+        assert PRE_AGGREGATORS.get(name).fn is getattr(pre, name)
+
+
+def test_registration_refuses_unchecked_or_stray_hyperparameters() -> None:
+    from aggregation.catalog import integer, register_rule
+
+    def newrule(updates: torch.Tensor, weights: torch.Tensor | None = None, *,
+                f: int) -> aggregation.AggregationResult:
+        raise AssertionError("never called")
+
+    with pytest.raises(ValueError, match=r"declare a check for hyperparameter\(s\) \['f'\]"):
+        register_rule("newrule", equivariances=frozenset(), properties=frozenset())(newrule)
+    with pytest.raises(ValueError, match=r"checks given for \['g'\]"):
+        register_rule("newrule", params={"f": integer(0), "g": integer(0)},
+                      equivariances=frozenset(), properties=frozenset())(newrule)
+    with pytest.raises(ValueError, match="why_not_dp is for components that are not"):
+        register_rule("newrule", params={"f": integer(0)}, equivariances=frozenset(),
+                      properties=frozenset(), dp_compatible=True, why_not_dp="x")(newrule)
+    assert "newrule" not in RULES
+
+
+def test_central_dp_coverage_is_declared_by_each_rule_and_step() -> None:
+    """Only the mean (unweighted, after per-client clipping) is covered by central DP."""
+    refusals = {name: aggregation.central_dp_refusal(name) for name in aggregation.names()}
+    assert [name for name, why in refusals.items() if why is None] == ["mean"]
+    for name, why in refusals.items():
+        assert why is None or (why and "no sensitivity analysis" not in why), name
+    assert aggregation.dp_compatible_steps() == ["norm_clip"]
+    for name in aggregation.pre_names():
+        traits = PRE_AGGREGATORS.get(name).traits
+        assert traits is not None and traits.dp_compatible == (name == "norm_clip")
+        assert traits.dp_compatible or traits.why_not_dp
+    with pytest.raises(KeyError, match="did you mean 'krum'"):
+        aggregation.central_dp_refusal("krun")
+
+
+def test_factory_binds_checked_defaults_and_refuses_direct_misuse() -> None:
+    factory = RULES.get("geometric_median")
+    assert factory.hyperparameters == ["nu", "iters", "tol", "use_weights"]
+    assert dict(factory(tol=0).params) == {"nu": 1e-6, "iters": 100, "tol": 0.0}
+    with pytest.raises(TypeError, match="geometric_median: .*valid parameters: nu, iters"):
+        factory(steps=3)

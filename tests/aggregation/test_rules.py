@@ -282,7 +282,7 @@ def test_compose_maps_kept_back_to_original_clients() -> None:
     torch.testing.assert_close(res.update, chosen.update)
     assert torch.equal(res.info["members"], buckets.members)
     torch.testing.assert_close(res.info["scores"], chosen.info["scores"])
-    assert agg.name == "bucketing+krum"
+    assert agg.name == "krum+bucketing"
 
 
 def test_nested_composition_equals_the_flat_one() -> None:

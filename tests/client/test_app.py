@@ -7,11 +7,12 @@ from typing import Any
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from opacus.accountants import PRVAccountant
+from opacus.accountants import RDPAccountant
 
-from client.app import ClientConfig, handle_train
+from client.app import handle_train
 from client.malicious import malicious_partitions
-from simulations.config import resolve_config
+from runconfig.config import RunConfig
+from simulations.config import APP_DEFAULTS, resolve_config
 from simulations.engine import _set_task_identity
 from simulations.task import build_task
 
@@ -91,7 +92,7 @@ def test_dp_sgd_history_persists_in_context_state_across_rounds() -> None:
     # Opacus: sample rate 1 / (batches per epoch), one epoch of that many steps per round
     steps_per_round = -(-n // 32)
     q = 1 / steps_per_round
-    ref = PRVAccountant()
+    ref = RDPAccountant()  # the default accountant (privacy.DEFAULT_ACCOUNTANT)
     ref.history = [(1.0, q, 2 * steps_per_round)]
     assert m2["dp-epsilon"] > m1["dp-epsilon"]
     assert m2["dp-epsilon"] == pytest.approx(ref.get_epsilon(1e-5), rel=1e-3)
@@ -110,4 +111,4 @@ def test_local_dp_update_is_clipped_and_noised() -> None:
 def test_unknown_defense_parameters_are_refused(key: str) -> None:
     cfg = resolve_config(None, [f"{key}=bogus=1"])
     with pytest.raises(TypeError, match="bogus"):
-        ClientConfig.from_run_config(cfg)
+        RunConfig.from_flat({k: v for k, v in cfg.items() if k in APP_DEFAULTS})

@@ -1,4 +1,6 @@
-"""Client-side DP: DP-SGD with persistent accounting across rounds, and local DP."""
+"""Client-side DP: DP-SGD with persistent accounting across rounds, and local DP.
+
+The accounting, clipping and calibration they share are tested in ``tests/privacy``."""
 
 from __future__ import annotations
 
@@ -8,22 +10,19 @@ import numpy as np
 import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
-from scipy import integrate, stats
 from torch import nn
 
-from client.dp import (
+from client.dp_sgd import (
     PrivacyBudgetExceeded,
     check_dp_compatible,
     dp_sgd_train,
-    gaussian_sigma,
-    history_from_json,
-    history_to_json,
-    local_dp_update,
     make_dp_compatible,
     make_private_trainer,
 )
+from client.local_dp import local_dp_update
+from privacy import clip_updates, gaussian_noise, gaussian_sigma, history_from_json
 
-pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the")
+pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the", "ignore:GDP accounting")
 
 
 def gen(seed: int) -> torch.Generator:
@@ -36,9 +35,20 @@ def library_epsilon(kind: str, history: list[tuple[float, float, int]], delta: f
     return float(acc.get_epsilon(delta=delta))
 
 
+def linear(d_in: int, d_out: int, generator: torch.Generator) -> nn.Linear:
+    """``nn.Linear`` with PyTorch's default uniform(-1/sqrt(d_in), 1/sqrt(d_in)) initialisation,
+    drawn from ``generator`` (built on the meta device, so the global RNG is not touched)."""
+    layer = nn.Linear(d_in, d_out, device="meta").to_empty(device="cpu")
+    bound = 1 / math.sqrt(d_in)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_((torch.rand(p.shape, generator=generator) * 2 - 1) * bound)
+    return layer
+
+
 def tiny_task(seed: int = 0, n: int = 40) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(seed)  # model initialisation only; training randomness is a generator
-    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    g = gen(seed)
+    model = nn.Sequential(linear(4, 6, g), nn.ReLU(), linear(6, 2, g))
     x = torch.randn(n, 4, generator=gen(seed + 100))
     y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
     return model, x, y
@@ -49,38 +59,6 @@ def sgd(model: nn.Module, lr: float = 0.2) -> torch.optim.Optimizer:
 
 
 # --- local DP ------------------------------------------------------------------------------
-
-
-def hockey_stick(sigma: float, epsilon: float, sensitivity: float) -> float:
-    """delta(eps) = int max(0, p - e^eps q) for p = N(0, s^2), q = N(Delta, s^2), numerically."""
-    def f(x: float) -> float:
-        p = stats.norm.pdf(x, 0.0, sigma)
-        q = stats.norm.pdf(x, sensitivity, sigma)
-        return max(0.0, float(p - math.exp(epsilon) * q))
-
-    lo, hi = -40 * sigma - 40 * sensitivity, 40 * sigma + 40 * sensitivity
-    value, _ = integrate.quad(f, lo, hi, limit=500, epsabs=1e-14, epsrel=1e-10,
-                              points=[0.0, sensitivity])
-    return float(value)
-
-
-@pytest.mark.parametrize(("eps", "delta", "sens"),
-                         [(0.5, 1e-5, 1.0), (2.0, 1e-5, 0.3), (8.0, 1e-6, 2.0), (0.1, 1e-3, 1.0)])
-def test_analytic_gaussian_sigma_attains_delta(eps: float, delta: float, sens: float) -> None:
-    sigma = gaussian_sigma(eps, delta, sens)
-    assert hockey_stick(sigma, eps, sens) == pytest.approx(delta, rel=1e-5)
-    assert hockey_stick(sigma * 0.99, eps, sens) > delta  # and it is the smallest such sigma
-    if eps < 1:
-        assert sigma < gaussian_sigma(eps, delta, sens, method="classic")
-
-
-def test_classic_gaussian_sigma_formula_and_range() -> None:
-    assert gaussian_sigma(0.5, 1e-5, 2.0, method="classic") == pytest.approx(
-        2.0 * math.sqrt(2 * math.log(1.25 / 1e-5)) / 0.5, rel=1e-12)
-    with pytest.raises(ValueError, match="epsilon < 1"):
-        gaussian_sigma(1.0, 1e-5, 1.0, method="classic")
-    with pytest.raises(ValueError):
-        gaussian_sigma(0.5, 1.5, 1.0)
 
 
 def test_local_dp_update_clips_without_noise() -> None:
@@ -116,19 +94,20 @@ def test_local_dp_update_rejects_ambiguous_noise() -> None:
         local_dp_update(x, 1.0, epsilon=2.0, delta=1e-5, method="classic", generator=gen(0))
     with pytest.raises(ValueError, match="NaN"):
         local_dp_update(torch.tensor([float("nan")]), 1.0, noise_std=0.0, generator=gen(0))
+    with pytest.raises(ValueError, match="noise_std"):
+        local_dp_update(x, 1.0, noise_std=-1.0, generator=gen(0))
+    with pytest.raises(ValueError, match="clipping_norm"):
+        local_dp_update(x, 0.0, noise_std=1.0, generator=gen(0))
 
 
-# --- history serialisation -------------------------------------------------------------------
-
-
-def test_history_json_roundtrip_and_validation() -> None:
-    hist = [(1.1, 0.2, 10), (0.7, 1 / 3, 4)]
-    assert history_from_json(history_to_json(hist)) == hist
-    assert history_from_json("") == []
-    with pytest.raises(ValueError):
-        history_from_json('[[1.0, 2.0, 3]]')  # sample rate above 1
-    with pytest.raises(ValueError):
-        history_from_json('{"z": 1}')
+@pytest.mark.parametrize("scale", [0.01, 10.0])
+def test_local_dp_update_is_the_privacy_core_clip_then_noise_bit_for_bit(scale: float) -> None:
+    x = torch.randn(1000, generator=gen(5)) * scale
+    clipped, _, _ = clip_updates(x.unsqueeze(0), 1.0)
+    sigma = gaussian_sigma(2.0, 1e-5, 2.0)
+    expected = clipped[0] + gaussian_noise(1000, sigma, generator=gen(6))
+    assert torch.equal(local_dp_update(x, 1.0, epsilon=2.0, delta=1e-5, generator=gen(6)),
+                       expected)
 
 
 # --- DP-SGD --------------------------------------------------------------------------------
@@ -145,10 +124,11 @@ def test_dp_sgd_epsilon_accumulates_across_rounds_like_one_accountant() -> None:
     r2 = dp_sgd_train(model, sgd(model), x, y, generator=gen(2),
                       history=history_from_json(stored), **kw)  # type: ignore[arg-type]
     assert r2.history == ((1.1, q, 2 * per_round),)
-    assert r1.epsilon == pytest.approx(library_epsilon("prv", [(1.1, q, per_round)], 1e-5),
-                                       abs=1e-6)
-    assert r2.epsilon == pytest.approx(library_epsilon("prv", [(1.1, q, 2 * per_round)], 1e-5),
-                                       abs=1e-6)
+    # the default accountant is RDP (privacy.DEFAULT_ACCOUNTANT)
+    assert r1.epsilon == pytest.approx(library_epsilon("rdp", [(1.1, q, per_round)], 1e-5),
+                                       abs=1e-9)
+    assert r2.epsilon == pytest.approx(library_epsilon("rdp", [(1.1, q, 2 * per_round)], 1e-5),
+                                       abs=1e-9)
     assert r2.epsilon > r1.epsilon
     # forgetting the history would report the first round's epsilon again
     fresh = dp_sgd_train(model, sgd(model), x, y, generator=gen(3), **kw)  # type: ignore[arg-type]
@@ -158,6 +138,34 @@ def test_dp_sgd_epsilon_accumulates_across_rounds_like_one_accountant() -> None:
     whole = dp_sgd_train(model2, sgd(model2), x, y, generator=gen(1),
                          **{**kw, "epochs": 4})  # type: ignore[arg-type]
     assert whole.history == r2.history and whole.epsilon == r2.epsilon
+
+
+def test_dp_sgd_with_the_prv_accountant_reports_opacus_prv() -> None:
+    model, x, y = tiny_task()
+    res = dp_sgd_train(model, sgd(model), x, y, batch_size=8, max_grad_norm=1.0, epochs=2,
+                       delta=1e-5, noise_multiplier=1.1, accountant="prv", generator=gen(1))
+    assert res.history == ((1.1, 0.2, 10),)
+    assert res.epsilon == pytest.approx(library_epsilon("prv", [(1.1, 0.2, 10)], 1e-5), abs=1e-9)
+    # same training whatever the accountant: it only changes what is reported
+    model2, _, _ = tiny_task()
+    dp_sgd_train(model2, sgd(model2), x, y, batch_size=8, max_grad_norm=1.0, epochs=2,
+                 delta=1e-5, noise_multiplier=1.1, accountant="rdp", generator=gen(1))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters(),
+                                                 strict=True))
+
+
+def test_dp_sgd_with_gdp_refuses_a_changed_noise_before_training() -> None:
+    model, x, y = tiny_task()
+    kw = dict(batch_size=8, max_grad_norm=1.0, epochs=1, delta=1e-5, accountant="gdp")
+    r1 = dp_sgd_train(model, sgd(model), x, y, generator=gen(1), noise_multiplier=1.0,
+                      **kw)  # type: ignore[arg-type]
+    assert r1.history == ((1.0, 0.2, 5),) and r1.epsilon > 0
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="identical steps only"):
+        dp_sgd_train(model, sgd(model), x, y, generator=gen(2), noise_multiplier=1.5,
+                     history=r1.history, **kw)  # type: ignore[arg-type]
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert not hasattr(model, "autograd_grad_sample_hooks")
 
 
 def test_dp_sgd_repeated_rounds_leave_a_plain_model() -> None:
@@ -181,8 +189,7 @@ def test_dp_sgd_repeated_rounds_leave_a_plain_model() -> None:
 
 def test_dp_sgd_step_is_clipped_per_sample_mean() -> None:
     # one step with q = 1 (batch >= N) and negligible noise: theta -= lr * sum_i clip(g_i) / N
-    torch.manual_seed(3)
-    model = nn.Linear(3, 2)
+    model = linear(3, 2, gen(3))
     x = torch.randn(6, 3, generator=gen(4)) * 3
     y = torch.tensor([0, 1, 1, 0, 1, 0])
     lr, s = 0.5, 0.1
@@ -214,7 +221,7 @@ def test_dp_sgd_is_reproducible_from_its_generator() -> None:
 
 
 def test_batchnorm_is_refused_with_the_fix() -> None:
-    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    model = nn.Sequential(linear(4, 8, gen(0)), nn.BatchNorm1d(8), nn.ReLU(), linear(8, 2, gen(1)))
     _, x, y = tiny_task()
     with pytest.raises(ValueError, match="GroupNorm"):
         dp_sgd_train(model, sgd(model), x, y, batch_size=8, max_grad_norm=1.0, epochs=1,
@@ -264,7 +271,7 @@ def test_max_epsilon_budget_with_fixed_noise() -> None:
     {"noise_multiplier": 0.0},
     {"noise_multiplier": 1.0, "batch_size": 0},
     {"noise_multiplier": 1.0, "delta": 1.0},
-    {"noise_multiplier": 1.0, "accountant": "gdp"},
+    {"noise_multiplier": 1.0, "accountant": "pld"},
 ])
 def test_make_private_trainer_rejects_bad_arguments(bad: dict[str, object]) -> None:
     model, x, y = tiny_task()

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import ssl
 import stat
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomli
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -155,7 +155,7 @@ def test_connection_is_what_flower_parses_and_keeps_others(bundle: CertBundle, t
     )
     path = write_connection(tmp_path, "lab", "127.0.0.1:9093",
                             root_certificates=bundle.ca_cert, make_default=False)
-    config = tomli.loads(path.read_text())
+    config = tomllib.loads(path.read_text())
     assert config["superlink"]["default"] == "local"
     assert config["superlink"]["local"] == {"address": ":local:"}
     conn = parse_superlink_connection(config["superlink"]["lab"], "lab")
@@ -163,7 +163,7 @@ def test_connection_is_what_flower_parses_and_keeps_others(bundle: CertBundle, t
     assert conn.root_certificates == str(_some(bundle.ca_cert).resolve())
     assert conn.insecure is False
     write_connection(tmp_path, "lab", "127.0.0.1:9094", root_certificates=None, insecure=True)
-    config = tomli.loads(path.read_text())
+    config = tomllib.loads(path.read_text())
     assert config["superlink"]["default"] == "lab"
     assert parse_superlink_connection(config["superlink"]["lab"], "lab").insecure is True
 

@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 
 from deploy.certs import CertBundle, write_bundle
-from deploy.federation import Federation, RunResult, tagged_pids
+from deploy.federation import Federation, RunResult
+from deploy.processes import tagged_pids
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(600)]
 

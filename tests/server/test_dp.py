@@ -1,4 +1,6 @@
-"""Central DP (DP-FedAvg, adaptive clipping) and accounting: identities and library values."""
+"""Central DP (DP-FedAvg, adaptive clipping): the mechanism and what it books.
+
+The accounting, clipping and noise it is built on are tested in ``tests/privacy``."""
 
 from __future__ import annotations
 
@@ -8,23 +10,19 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
-from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from scipy import stats
 
+import privacy
+import server.dp
+from privacy import PrivacyAccountant, gaussian_noise
 from server.dp import (
     CentralDPConfig,
     CentralDPState,
     DPFedAvg,
-    PrivacyAccountant,
     check_rule_compatible,
-    clip_updates,
     dp_mean,
-    epsilon_from_history,
-    gaussian_noise,
     poisson_sample,
     update_noise_multiplier,
 )
@@ -32,161 +30,34 @@ from server.dp import (
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the")
 
 
-def rdp_reference(history: list[tuple[float, float, int]], delta: float) -> float:
-    """Epsilon straight from Opacus's RDP analysis over its default orders."""
-    orders = RDPAccountant.DEFAULT_ALPHAS
-    rdp = sum(
-        rdp_analysis.compute_rdp(q=q, noise_multiplier=z, steps=s, orders=orders)
-        for z, q, s in history
-    )
-    eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
-    return float(eps)
-
-
-def prv_reference(history: list[tuple[float, float, int]], delta: float) -> float:
-    acc = PRVAccountant()
-    acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta))
-
-
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-# --- accounting: library values ----------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("z", "q", "steps", "delta"),
-    [(1.0, 0.1, 100, 1e-3), (0.8, 0.01, 1000, 1e-5), (2.0, 1.0, 10, 1e-5),
-     (1.3, 0.05, 37, 1e-6)],
-)
-def test_rdp_epsilon_equals_opacus_analysis(z: float, q: float, steps: int, delta: float) -> None:
-    acc = PrivacyAccountant("rdp")
-    for _ in range(steps):
-        acc.step(z, q)
-    assert acc.history == [(z, q, steps)]
-    assert acc.epsilon(delta) == pytest.approx(rdp_reference([(z, q, steps)], delta), abs=1e-6)
-
-
-@pytest.mark.parametrize(("z", "q", "steps", "delta"),
-                         [(1.0, 0.1, 100, 1e-3), (1.1, 0.02, 300, 1e-5)])
-def test_prv_epsilon_equals_opacus_prv(z: float, q: float, steps: int, delta: float) -> None:
-    acc = PrivacyAccountant("prv", [(z, q, steps)])
-    assert acc.epsilon(delta) == pytest.approx(prv_reference([(z, q, steps)], delta), abs=1e-6)
-
-
-def test_heterogeneous_history_equals_library() -> None:
-    history = [(1.0, 0.1, 50), (1.5, 0.2, 20), (0.9, 0.05, 10)]
-    acc_rdp = PrivacyAccountant("rdp", history)
-    acc_prv = PrivacyAccountant("prv", history)
-    assert acc_rdp.epsilon(1e-5) == pytest.approx(rdp_reference(history, 1e-5), abs=1e-6)
-    assert acc_prv.epsilon(1e-5) == pytest.approx(prv_reference(history, 1e-5), abs=1e-6)
+# --- sampling and what is booked -----------------------------------------------------------
 
 
 def test_flower_notes_reference_values() -> None:
     # N = 100 clients, 10 per round (Poisson, q = 0.1), z = 1, 100 rounds, delta = 1e-3
-    dp = DPFedAvg(CentralDPConfig(noise_multiplier=1.0, clipping_norm=1.0), 10)
+    cfg = CentralDPConfig(noise_multiplier=1.0, clipping_norm=1.0)
+    dp = DPFedAvg(cfg, 10)
     z, q = dp.accounting_event(100)
     assert (z, q) == (1.0, 0.1)
-    rdp, prv = PrivacyAccountant("rdp"), PrivacyAccountant("prv")
+    booked = PrivacyAccountant(cfg.accountant)
     for _ in range(100):
-        rdp.step(z, q)
-        prv.step(z, q)
-    assert rdp.epsilon(1e-3) == pytest.approx(5.64, abs=0.05)
-    assert prv.epsilon(1e-3) == pytest.approx(4.80, abs=0.05)
+        booked.step(z, q)
+    assert booked.history == [(1.0, 0.1, 100)]
+    assert booked.epsilon(cfg.delta) == privacy.epsilon_from_history([(1.0, 0.1, 100)], 1e-5)
+    assert booked.epsilon(1e-3) == pytest.approx(5.64, abs=0.005)  # RDP, the default
 
 
-# --- accounting: identities ----------------------------------------------------------------
-
-
-def test_json_save_restore_equals_uninterrupted() -> None:
-    schedule = [(1.0, 0.1)] * 30 + [(1.2, 0.1)] * 5 + [(1.0, 0.1)] * 15
-    whole = PrivacyAccountant("rdp")
-    for z, q in schedule:
-        whole.step(z, q)
-    first = PrivacyAccountant("rdp")
-    for z, q in schedule[:20]:
-        first.step(z, q)
-    stored = json.dumps(json.loads(first.to_json()))  # as a ConfigRecord string would be
-    restored = PrivacyAccountant.from_json(stored)
-    for z, q in schedule[20:]:
-        restored.step(z, q)
-    assert restored.history == whole.history
-    assert restored.epsilon(1e-5) == whole.epsilon(1e-5)
-    assert PrivacyAccountant.from_dict(whole.to_dict()).history == whole.history
-
-
-@pytest.mark.parametrize("accountant", ["rdp", "prv"])
-def test_zero_noise_gives_infinite_epsilon(accountant: str) -> None:
-    acc = PrivacyAccountant(accountant, [(1.0, 0.1, 10), (0.0, 0.1, 1)])  # type: ignore[arg-type]
-    assert acc.epsilon(1e-5) == math.inf
-    assert PrivacyAccountant(accountant).would_exceed(0.0, 0.1, 1e-5, 1e9)  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("accountant", ["rdp", "prv"])
-def test_sampling_rate_zero_gives_zero_epsilon(accountant: str) -> None:
-    assert epsilon_from_history([(1.0, 0.0, 1000)], 1e-5, accountant) == 0.0
-    assert epsilon_from_history([(0.0, 0.0, 5)], 1e-5, accountant) == 0.0
-    assert epsilon_from_history([], 1e-5, accountant) == 0.0
-    # q = 0 events compose as the identity
-    with_idle = [(1.0, 0.1, 50), (1.0, 0.0, 30), (1.0, 0.1, 50)]
-    assert epsilon_from_history(with_idle, 1e-5, accountant) == pytest.approx(
-        epsilon_from_history([(1.0, 0.1, 100)], 1e-5, accountant), rel=1e-9)
-
-
-def test_rdp_composition_is_invariant_to_chunking_and_order() -> None:
-    one = epsilon_from_history([(1.1, 0.05, 120)], 1e-5, "rdp")
-    for chunks in ([(1.1, 0.05, 30), (1.1, 0.05, 90)], [(1.1, 0.05, 1)] * 4 + [(1.1, 0.05, 116)],
-                   [(1.1, 0.05, 60)] * 2):
-        assert epsilon_from_history(chunks, 1e-5, "rdp") == pytest.approx(one, rel=1e-9)
-    a, b = (1.0, 0.1, 40), (2.0, 0.3, 7)
-    assert epsilon_from_history([a, b, a], 1e-5, "rdp") == pytest.approx(
-        epsilon_from_history([b, (1.0, 0.1, 80)], 1e-5, "rdp"), rel=1e-9)
-
-
-def test_prv_composition_is_invariant_to_chunking() -> None:
-    one = epsilon_from_history([(1.0, 0.1, 100)], 1e-3, "prv")
-    two = epsilon_from_history([(1.0, 0.1, 30), (1.0, 0.1, 70)], 1e-3, "prv")
-    assert two == pytest.approx(one, abs=1e-6)
-
-
-def test_epsilon_is_monotone() -> None:
-    def eps(z: float, q: float, t: int) -> float:
-        return epsilon_from_history([(z, q, t)], 1e-5, "rdp")
-
-    assert eps(1.0, 0.1, 10) < eps(1.0, 0.1, 20) < eps(1.0, 0.1, 40)
-    assert eps(2.0, 0.1, 20) < eps(1.0, 0.1, 20) < eps(0.7, 0.1, 20)
-    assert eps(1.0, 0.01, 20) < eps(1.0, 0.1, 20) < eps(1.0, 1.0, 20)
-
-
-def test_would_exceed_is_epsilon_of_planned_history() -> None:
-    acc = PrivacyAccountant("rdp", [(1.0, 0.1, 50)])
-    after = epsilon_from_history([(1.0, 0.1, 51)], 1e-5, "rdp")
-    assert acc.would_exceed(1.0, 0.1, 1e-5, after - 1e-9)
-    assert not acc.would_exceed(1.0, 0.1, 1e-5, after + 1e-9)
-    assert acc.history == [(1.0, 0.1, 50)]  # asking does not book
-
-
-@pytest.mark.parametrize("event", [(-1.0, 0.1, 1), (1.0, 1.5, 1), (1.0, 0.1, 0),
-                                   (float("nan"), 0.1, 1), (1.0, 0.1, 2.5)])
-def test_accountant_rejects_malformed_events(event: tuple[float, float, int]) -> None:
-    with pytest.raises(ValueError):
-        PrivacyAccountant("rdp").step(*event)
-    with pytest.raises(ValueError):
-        PrivacyAccountant("rdp", [event])
-
-
-def test_accountant_rejects_bad_state_and_names() -> None:
-    with pytest.raises(ValueError, match="unknown accountant"):
-        PrivacyAccountant("gdp")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="exactly the keys"):
-        PrivacyAccountant.from_dict({"accountant": "rdp", "history": [], "extra": 1})
-    with pytest.raises(ValueError, match="delta"):
-        PrivacyAccountant("rdp", [(1.0, 0.1, 1)]).epsilon(0.0)
-
-
-# --- sampling and what is booked -----------------------------------------------------------
+def test_server_uses_the_privacy_core_accountant() -> None:
+    # server/privacy.py imports PrivacyAccountant from server.dp: the same class
+    assert server.dp.PrivacyAccountant is privacy.PrivacyAccountant
+    assert CentralDPConfig(noise_multiplier=1.0, clipping_norm=1.0).accountant == (
+        privacy.DEFAULT_ACCOUNTANT)
+    with pytest.raises(ValueError, match="cannot use the gdp accountant"):
+        CentralDPConfig(noise_multiplier=1.0, clipping_norm=1.0, accountant="gdp")
 
 
 def test_accounting_event_per_sampling_mode() -> None:
@@ -245,47 +116,6 @@ def test_poisson_sample_is_independent_bernoulli() -> None:
     assert sizes.var() == pytest.approx(n_nodes * q * (1 - q), rel=0.1)
 
 
-# --- clipping -------------------------------------------------------------------------------
-
-_floats = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=32)
-
-
-@settings(max_examples=80, deadline=None)
-@given(
-    x=hnp.arrays(np.float64, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=16),
-                 elements=_floats),
-    c=st.floats(1e-4, 1e4),
-    dtype=st.sampled_from([torch.float32, torch.float64]),
-)
-def test_clipped_norms_never_exceed_c(x: np.ndarray, c: float, dtype: torch.dtype) -> None:
-    updates = torch.from_numpy(x).to(dtype)
-    clipped, norms, was = clip_updates(updates, c)
-    assert clipped.dtype == dtype and clipped.shape == updates.shape
-    exact = torch.linalg.vector_norm(updates.double(), dim=1)
-    after = torch.linalg.vector_norm(clipped.double(), dim=1)
-    assert bool((after <= c).all())
-    assert torch.allclose(norms.double(), exact, rtol=1e-6)
-    # unclipped rows untouched; clipped rows are positive multiples with norm ~ C
-    assert torch.equal(clipped[~was], updates[~was])
-    assert bool((exact[was] > c * (1 - 1e-5)).all())
-    assert bool((exact[~was] <= c).all())
-    if bool(was.any()):
-        assert torch.allclose(after[was], torch.full_like(after[was], c), rtol=1e-5)
-        scale = (torch.full_like(exact[was], c) / exact[was]).unsqueeze(1)  # (k, 1)
-        big = updates[was].double().abs() * scale > 1e3 * torch.finfo(dtype).tiny  # no underflow
-        ratio = clipped[was].double()[big] / updates[was].double()[big]
-        assert torch.allclose(ratio, scale.expand_as(big)[big], rtol=1e-5)
-
-
-def test_clip_updates_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match="NaN"):
-        clip_updates(torch.tensor([[1.0, float("nan")]]), 1.0)
-    with pytest.raises(ValueError, match="clipping_norm"):
-        clip_updates(torch.ones(2, 3), 0.0)
-    with pytest.raises(ValueError, match=r"\(n, d\)"):
-        clip_updates(torch.ones(3), 1.0)
-
-
 # --- DP mean and its noise --------------------------------------------------------------------
 
 
@@ -296,6 +126,13 @@ def test_dp_mean_without_noise_is_fixed_denominator_mean_of_clipped() -> None:
     out = dp_mean(x, 1.0, 0.0, 5, generator=gen(0))
     assert out.dtype == torch.float64
     assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_dp_mean_is_the_privacy_core_clip_then_noise_bit_for_bit() -> None:
+    x = torch.randn(6, 50, generator=gen(1)) * 2
+    clipped, _, _ = privacy.clip_updates(x, 0.8)
+    noise = gaussian_noise(50, 1.1 * 0.8, generator=gen(2))
+    assert torch.equal(dp_mean(x, 0.8, 1.1, 9, generator=gen(2)), (clipped.sum(0) + noise) / 9)
 
 
 def test_dp_mean_with_no_replies_is_pure_noise() -> None:
@@ -316,13 +153,6 @@ def test_dp_mean_noise_has_std_zc_over_m() -> None:
     assert abs(samples.std() / sigma - 1) < 5 / math.sqrt(2 * n)
     assert stats.kstest(samples / sigma, "norm").pvalue > 1e-4
     assert torch.equal(dp_mean(x, c, z, m, generator=gen(9)), dp_mean(x, c, z, m, generator=gen(9)))
-
-
-def test_gaussian_noise_checks() -> None:
-    with pytest.raises(ValueError, match="std"):
-        gaussian_noise(3, -1.0, generator=gen(0))
-    with pytest.raises(ValueError):
-        gaussian_noise(-1, 1.0, generator=gen(0))
 
 
 def test_fixed_dpfedavg_equals_dp_mean() -> None:
@@ -420,7 +250,7 @@ def test_check_rule_compatible_mean_weights_and_pre() -> None:
     {"noise_multiplier": 0.0}, {"noise_multiplier": -1.0}, {"clipping_norm": 0.0},
     {"clipping_norm": float("inf")}, {"target_quantile": 1.0}, {"clip_lr": 0.0},
     {"delta": 1.0}, {"delta": 0.0}, {"max_epsilon": -1.0}, {"sampling": "uniform"},
-    {"accountant": "gdp"}, {"clipped_count_stddev": 1.0},
+    {"accountant": "gdp"}, {"accountant": "pld"}, {"clipped_count_stddev": 1.0},
     {"adaptive": True, "clipped_count_stddev": -1.0}, {"noise_multiplier": True},
 ])
 def test_config_rejects_bad_values(bad: dict[str, object]) -> None:

@@ -16,10 +16,10 @@ from aggregation.registry import make_generator
 from simulations import attacks as A
 
 EXPECTED = {
-    "alie", "fang_krum", "fang_trimmed_mean", "gaussian", "ipm", "mimic", "min_max",
-    "min_sum", "scaling", "sign_flip",
+    "alie", "fang_krum", "fang_trimmed_mean", "gaussian_noise", "ipm", "mimic", "min_max",
+    "min_sum", "scaling", "sign_flip_mean",
 }
-RANDOM = {"gaussian", "fang_trimmed_mean"}
+RANDOM = {"gaussian_noise", "fang_trimmed_mean"}
 
 
 def honest_stack(h: int = 10, d: int = 7, seed: int = 0,
@@ -86,9 +86,9 @@ def test_unknown_name_and_parameter() -> None:
 @pytest.mark.parametrize(
     ("name", "params"),
     [
-        ("sign_flip", {"scale": 0.0}),
-        ("sign_flip", {"scale": math.inf}),
-        ("gaussian", {"std": -1.0}),
+        ("sign_flip_mean", {"scale": 0.0}),
+        ("sign_flip_mean", {"scale": math.inf}),
+        ("gaussian_noise", {"std": -1.0}),
         ("scaling", {"scale": -2.0}),
         ("alie", {"z": -0.5}),
         ("alie", {"z": math.nan}),
@@ -155,12 +155,12 @@ def test_cuda_matches_cpu(name: str) -> None:
 )
 def test_input_checks(honest: Tensor, f: Any, exc: type[Exception], match: str) -> None:
     with pytest.raises(exc, match=match):
-        A.get_attack("sign_flip")(honest, f=f, generator=make_generator(0))
+        A.get_attack("sign_flip_mean")(honest, f=f, generator=make_generator(0))
 
 
 def test_generator_must_be_a_generator() -> None:
     with pytest.raises(TypeError, match="make_generator"):
-        A.get_attack("gaussian")(torch.zeros(3, 2), f=1, generator=0)  # type: ignore[arg-type]
+        A.get_attack("gaussian_noise")(torch.zeros(3, 2), f=1, generator=0)  # type: ignore[arg-type]
 
 
 def test_missing_aggregator_raises() -> None:
@@ -171,13 +171,13 @@ def test_missing_aggregator_raises() -> None:
 # --------------------------------------------------------------------------- simple attacks
 
 
-def test_sign_flip_scaling_ipm_are_multiples_of_the_mean() -> None:
+def test_sign_flip_mean_scaling_ipm_are_multiples_of_the_mean() -> None:
     honest = honest_stack()
     mu = honest.mean(dim=0)
     g = make_generator(0)
     for name, params, coef in [
-        ("sign_flip", {"scale": 1.0}, -1.0),
-        ("sign_flip", {"scale": 3.0}, -3.0),
+        ("sign_flip_mean", {"scale": 1.0}, -1.0),
+        ("sign_flip_mean", {"scale": 3.0}, -3.0),
         ("scaling", {"scale": 10.0}, 10.0),
         ("ipm", {"epsilon": 0.1}, -0.1),
         ("ipm", {"epsilon": 2.0}, -2.0),
@@ -186,9 +186,9 @@ def test_sign_flip_scaling_ipm_are_multiples_of_the_mean() -> None:
         torch.testing.assert_close(out, (coef * mu).expand(4, -1), rtol=1e-12, atol=0.0)
 
 
-def test_gaussian_statistics() -> None:
+def test_gaussian_noise_statistics() -> None:
     honest = torch.full((4, 300), 7.0)
-    out = A.get_attack("gaussian", std=0.5)(honest, f=200, generator=make_generator(3))
+    out = A.get_attack("gaussian_noise", std=0.5)(honest, f=200, generator=make_generator(3))
     # 60000 draws: the sample mean is within 5 standard errors of 0, the std within 2 %
     assert abs(float(out.mean())) < 5 * 0.5 / math.sqrt(out.numel())
     assert abs(float(out.std()) - 0.5) < 0.01
@@ -444,3 +444,14 @@ def test_mimic_single_honest() -> None:
     honest = torch.tensor([[1.0, 2.0]])
     out = A.get_attack("mimic")(honest, f=2, generator=make_generator(0))
     assert torch.equal(out, honest.expand(2, -1))
+
+
+def test_client_and_omniscient_attack_names_are_disjoint() -> None:
+    """One name, one attack: a run config's ``attack`` cannot mean two things."""
+    from client.poisoning import DATA_ATTACKS, UPDATE_POISONINGS
+
+    client = set(UPDATE_POISONINGS) | set(DATA_ATTACKS)
+    assert len(client) == len(UPDATE_POISONINGS) + len(DATA_ATTACKS)
+    assert client & set(A.ATTACKS) == set()
+    assert {"sign_flip", "gaussian"} <= client
+    assert {"sign_flip_mean", "gaussian_noise"} <= set(A.ATTACKS)

@@ -1,21 +1,19 @@
-"""Each defense's gradient transformation, checked against its formula."""
+"""Each defense's gradient transformation, checked against its formula and against the
+mechanism it stands for (the privacy core, the client's local DP)."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
 
+from client.local_dp import local_dp_update
+from privacy import clip_updates, gaussian_noise
 from simulations.audit.defenses import (
     DEFENSES,
     ClientStep,
     batch_gradient,
-    clip_by_norm,
     dp_sgd_gradient,
     draw_client_batches,
     flatten,
@@ -75,22 +73,6 @@ def test_none_is_the_exact_batch_gradient(step: ClientStep) -> None:
         assert torch.equal(o, g)
 
 
-@settings(max_examples=40, deadline=None)
-@given(arrays(np.float64, st.integers(1, 20),
-              elements=st.floats(-1e3, 1e3, allow_nan=False)),
-       st.floats(1e-3, 1e3))
-def test_clip_by_norm_bounds_the_norm_and_keeps_direction(v: np.ndarray, c: float) -> None:
-    t = torch.from_numpy(v)
-    out = clip_by_norm(t, c)
-    norm = float(t.norm())
-    assert float(out.norm()) <= c * (1 + 1e-12) + 1e-300
-    if norm <= c:
-        assert torch.equal(out, t)
-    else:
-        assert torch.allclose(out, t * (c / norm), rtol=1e-12, atol=0)
-        assert float(out.norm()) == pytest.approx(c, rel=1e-12)
-
-
 def test_dp_sgd_without_noise_is_the_mean_of_clipped_per_sample_gradients(
         step: ClientStep) -> None:
     c = 0.5
@@ -123,6 +105,14 @@ def test_dp_sgd_noise_is_gaussian_with_std_z_c_over_b() -> None:
     assert torch.equal(noisy, again)
 
 
+def test_dp_sgd_is_the_privacy_core_clip_then_noise_bit_for_bit() -> None:
+    per = torch.randn(5, 300, generator=_gen(7))
+    got = dp_sgd_gradient(per, noise_multiplier=0.8, max_grad_norm=1.5, generator=_gen(8))
+    clipped, _, _ = clip_updates(per, 1.5)
+    noise = gaussian_noise(300, 0.8 * 1.5, generator=_gen(8))
+    assert torch.equal(got, (clipped.sum(0) + noise) / 5)
+
+
 def test_dp_sgd_doc_example_by_hand() -> None:
     g = torch.tensor([[3.0, 4.0], [0.0, 0.5]], dtype=torch.float64)
     got = dp_sgd_gradient(g, noise_multiplier=0.0, max_grad_norm=1.0, generator=_gen(0))
@@ -142,6 +132,19 @@ def test_clipping_bounds_the_update_norm_in_update_units(step: ClientStep,
         assert torch.allclose(u_seen, u * (max_norm / u.norm()), atol=1e-9)
     else:
         assert torch.allclose(u_seen, u, atol=1e-9)
+
+
+def test_local_dp_is_the_clients_local_dp_update(step: ClientStep) -> None:
+    obs = make_defense("local_dp", clipping_norm=0.01, noise_std=0.02)(step, generator=_gen(3))
+    u = -step.lr * flatten(batch_gradient(step.model, step.x, step.y))
+    sent = local_dp_update(u, 0.01, noise_std=0.02, generator=_gen(3))
+    assert torch.equal(flatten(obs.gradient), -sent / step.lr)
+
+
+def test_clipping_is_the_privacy_core_clip(step: ClientStep) -> None:
+    obs = make_defense("clipping", max_norm=0.05)(step, generator=_gen(0))
+    u = -step.lr * flatten(batch_gradient(step.model, step.x, step.y))
+    assert torch.equal(flatten(obs.gradient), -clip_updates(u.unsqueeze(0), 0.05)[0][0] / step.lr)
 
 
 def test_local_dp_clips_then_adds_noise_of_the_given_std(step: ClientStep) -> None:

@@ -12,16 +12,15 @@ import torch
 from torch import nn
 
 from simulations.audit.defenses import ClientStep, Observation, make_defense
-from simulations.audit.inversion import (
-    ATTACKS,
+from simulations.audit.inversion import evaluate_reconstruction, run_inversion_audit
+from simulations.audit.inversion_attacks import (
+    INVERSION_ATTACKS,
     Reconstruction,
-    evaluate_reconstruction,
     invert,
-    parse_defense_spec,
     recover_labels,
-    run_inversion_audit,
     total_variation,
 )
+from simulations.audit.inversion_report import GridBlock, markdown_table, save_grid
 from simulations.datasets import Dataset, load_dataset
 from simulations.models import build_model
 
@@ -56,9 +55,9 @@ def _attack(name: str, model: nn.Module, digits: Dataset, b: int, seed: int,
 
 
 def test_attack_registry() -> None:
-    assert ATTACKS.names() == ["cosine", "dlg", "idlg"]
+    assert INVERSION_ATTACKS.names() == ["cosine", "dlg", "idlg"]
     with pytest.raises(KeyError, match="did you mean 'idlg'"):
-        ATTACKS.get("idgl")
+        INVERSION_ATTACKS.get("idgl")
 
 
 @pytest.mark.parametrize("attack", ["dlg", "idlg", "cosine"])
@@ -163,13 +162,16 @@ def test_total_variation_by_hand() -> None:
     assert float(total_variation(x)) == pytest.approx(1.0)
 
 
-def test_parse_defense_spec() -> None:
-    assert parse_defense_spec("none") == ("none", {})
-    assert parse_defense_spec("secagg_sum:k=4") == ("secagg_sum", {"k": 4})
-    assert parse_defense_spec("local_dp:clipping_norm=0.5, noise_std=1e-3") == (
-        "local_dp", {"clipping_norm": 0.5, "noise_std": 0.001})
-    with pytest.raises(ValueError, match="key=value"):
-        parse_defense_spec("pruning:0.9")
+def test_report_writes_a_grid_and_markdown_rows(tmp_path: Path) -> None:
+    ones = torch.ones(2, 1, 8, 8)
+    block = GridBlock("B=2", ones, (("none", 99.0, ones), ("dp_sgd(noise_multiplier=1.0)",
+                                                             5.0, ones * 0.5)))
+    save_grid(tmp_path / "g.png", "idlg", [block, GridBlock("B=1", ones[:1], ())])
+    png = (tmp_path / "g.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    row = {"attack": "idlg", "defense": "none", "batch_size": 2, "psnr": 99.0, "ssim": 1.0,
+           "label_acc": 1.0, "trials": 1}
+    assert markdown_table([row]).splitlines()[2] == "| idlg | none | 2 | 99.00 | 1.000 | 1.00 |"
 
 
 def test_run_inversion_audit_writes_what_it_returns(tmp_path: Path, digits: Dataset) -> None:

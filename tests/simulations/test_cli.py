@@ -1,16 +1,58 @@
-"""The `fedshield` command line: run reproduces from its saved config; errors are clear."""
+"""The `fedshield` command line: run reproduces from its saved config; errors are clear;
+``--version``; the audit's defenses in the one spec grammar."""
 
 from __future__ import annotations
 
 import csv
 import json
+import tomllib
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 
-from simulations.cli import main
+import simulations
+from runconfig.spec import parse_spec
+from simulations.audit.defenses import make_defense
+from simulations.cli import DEFAULT_AUDIT_DEFENSES, main
 
-pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert simulations.__version__ == metadata.version("fedshield") == pyproject
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"fedshield {pyproject}\n"
+
+
+def test_version_falls_back_to_pyproject_when_not_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def not_installed(name: str) -> str:
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", not_installed)
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert simulations.version() == pyproject
+
+
+def test_default_audit_defenses_parse_and_build() -> None:
+    for text in DEFAULT_AUDIT_DEFENSES:
+        spec = parse_spec(text)
+        make_defense(spec.name, **spec.params)  # unknown names or parameters raise
+    assert [parse_spec(t).name for t in DEFAULT_AUDIT_DEFENSES] == [
+        "none", "clipping", "pruning", "local_dp", "dp_sgd", "secagg_sum"]
+
+
+def test_audit_refuses_the_old_colon_syntax(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["audit", "inversion", "--defense", "secagg_sum:k=4",
+                 "--out", str(tmp_path)]) == 2
+    assert "cannot parse --defense" in capsys.readouterr().err
 
 
 def _metrics(out: Path) -> list[tuple[int, float, float]]:
@@ -18,6 +60,7 @@ def _metrics(out: Path) -> list[tuple[int, float, float]]:
     return [(r["round"], r["accuracy"], r["loss"]) for r in rows]
 
 
+@pytest.mark.slow
 def test_run_writes_config_metrics_audit_and_reproduces_from_saved_config(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     args = ["num-server-rounds=3", "aggregator=median", "num-malicious=2", "attack=alie"]
@@ -29,6 +72,7 @@ def test_run_writes_config_metrics_audit_and_reproduces_from_saved_config(tmp_pa
     assert [x["round"] for x in audit] == [1, 2, 3]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -45,10 +89,11 @@ def test_bad_input_exits_2_with_a_clear_message(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_audit_inversion_leaks_without_defense_and_not_under_dp_sgd(tmp_path: Path) -> None:
     assert main([
         "audit", "inversion", "--attack", "idlg", "--defense", "none",
-        "--defense", "dp_sgd:noise_multiplier=0.5,max_grad_norm=1.0",
+        "--defense", "dp_sgd(noise_multiplier=0.5, max_grad_norm=1.0)",
         "--iterations", "150", "--out", str(tmp_path),
     ]) == 0
     with (tmp_path / "inversion.csv").open() as fh:

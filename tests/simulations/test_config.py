@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -15,11 +15,6 @@ from simulations.config import (
     resolve_config,
     save_config,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,3 +66,23 @@ def test_toml_with_nested_table_is_refused(tmp_path: Path) -> None:
     (tmp_path / "c.toml").write_text("seed = 1\n[extra]\nx = 1\n")
     with pytest.raises(ValueError, match="flat key = value"):
         load_config(tmp_path / "c.toml")
+
+
+def test_saved_config_round_trips_a_non_ascii_path(tmp_path: Path) -> None:
+    out = tmp_path / "résultats" / "Ωmega ü"
+    cfg = resolve_config(None, [f"out-dir={out}", "aggregator-params=f=2, mode='x'"])
+    save_config(cfg, tmp_path / "c.toml")
+    raw = (tmp_path / "c.toml").read_bytes()
+    assert "résultats/Ωmega ü".encode() in raw  # UTF-8 text, not escapes
+    assert tomllib.loads(raw.decode("utf-8")) == cfg
+    assert load_config(tmp_path / "c.toml") == cfg
+    assert load_config(tmp_path / "c.toml")["out-dir"] == str(out)
+
+
+def test_overrides_read_toml_then_python_literals_then_bare_text() -> None:
+    assert parse_override("learning-rate=1e-3") == ("learning-rate", 0.001)
+    assert parse_override("learning-rate=.5") == ("learning-rate", 0.5)  # Python only
+    assert parse_override("out-dir='C:\\new'") == ("out-dir", "C:\\new")  # TOML literal
+    assert parse_override("out-dir=/tmp/a b") == ("out-dir", "/tmp/a b")
+    assert parse_override("resume=FALSE") == ("resume", False)
+    assert parse_override("dataset=[1, 2]") == ("dataset", "[1, 2]")  # not a scalar: text
