@@ -227,10 +227,15 @@ def test_adaptive_unclipped_fraction_is_unbiased() -> None:
 
 
 @pytest.mark.parametrize("rule", ["krum", "median", "trimmed_mean", "multi_krum", "bulyan",
-                                  "geometric_median", "centered_clipping", "something_new"])
+                                  "geometric_median", "centered_clipping"])
 def test_check_rule_compatible_refuses_non_mean(rule: str) -> None:
     with pytest.raises(ValueError, match="unweighted mean"):
         check_rule_compatible(rule)
+
+
+def test_check_rule_compatible_refuses_an_unknown_rule_by_name() -> None:
+    with pytest.raises(KeyError, match="did you mean 'median'"):
+        check_rule_compatible("medain")
 
 
 def test_check_rule_compatible_mean_weights_and_pre() -> None:

@@ -40,10 +40,11 @@ def test_spec_flatten_unflatten_roundtrip() -> None:
     assert back["w"].dtype == torch.float32
 
 
-def test_mean_of_deltas_equals_weighted_mean_of_weights() -> None:
-    g = torch.randn(9, dtype=torch.float64)
+def test_mean_of_updates_equals_weighted_mean_of_weights() -> None:
+    gen = torch.Generator().manual_seed(44)
+    g = torch.randn(9, dtype=torch.float64, generator=gen)
     spec = _spec()
-    ws = [torch.randn(9, dtype=torch.float64) for _ in range(3)]
+    ws = [torch.randn(9, dtype=torch.float64, generator=gen) for _ in range(3)]
     replies = [
         ClientReply(i, spec.unflatten(w), float(i + 1), partition_id=i) for i, w in enumerate(ws)
     ]
@@ -100,7 +101,9 @@ def test_too_few_valid_replies_skips_round_and_keeps_model() -> None:
 
 
 def test_rule_precondition_failure_skips_round_with_the_rules_message() -> None:
-    replies = [_reply(i, torch.randn(2, 3), torch.randn(3)) for i in range(4)]
+    gen = torch.Generator().manual_seed(103)
+    replies = [_reply(i, torch.randn(2, 3, generator=gen), torch.randn(3, generator=gen))
+               for i in range(4)]
     out = _round(replies, "krum", f=1)
     assert out.skipped
     assert "krum" in str(out.skipped_reason) and "n >= 2f + 3" in str(out.skipped_reason)
