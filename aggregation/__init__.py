@@ -62,7 +62,7 @@ missing hyperparameter ``TypeError``. Robust rules ignore weights unless constru
 ``use_weights=True`` (client-reported example counts are attacker-controlled). Means are
 computed as convex combinations and norms without squaring overflow, so an update near the
 dtype's maximum cannot turn an aggregate into Inf/NaN; Krum-type distances are computed on
-median-centred updates, which keeps them accurate for 1e-5-scale deltas.
+median-centred updates, which keeps them accurate for 1e-5-scale updates.
 
 Examples
 --------

@@ -203,7 +203,7 @@ def pairwise_sq_distances(updates: Tensor) -> Tensor:
     Computed as ``G_ii + G_jj - 2 G_ij`` with the Gram matrix ``G = C C^T`` of the rows
     *centred on their coordinate-wise median*, ``C = X - median_i(X)``. Why: the expansion
     cancels catastrophically when ``||x_i||`` is much larger than ``||x_i - x_j||`` (full
-    model weights, or a common drift shared by every delta); centring removes the common
+    model weights, or a common drift shared by every update); centring removes the common
     part, so the rounding error scales with the spread of the updates, not their norm. The
     median (not the mean) is the centre because a few huge Byzantine rows would drag a mean
     far from the honest cluster and bring the cancellation back for honest pairs.

@@ -1,6 +1,6 @@
 """Aggregation rules as small functions over an ``(n, d)`` stack of client updates.
 
-Every function takes ``updates`` ``(n, d)`` (deltas, one client per row) and ``weights``
+Every function takes ``updates`` ``(n, d)`` (one client per row) and ``weights``
 ``(n,)`` or ``None``, then keyword hyperparameters in the papers' vocabulary (``f`` Byzantine
 clients, ...), and returns an :class:`~aggregation.AggregationResult`. Rules without a
 weighted form refuse weights (the registry's rule objects pass ``None`` to them unless

@@ -93,15 +93,15 @@ class MaliciousRole:
         return bool(self.attack) and server_round >= self.start_round
 
     def poison_update(
-        self, delta: Tensor, server_round: int, *, generator: torch.Generator
+        self, update: Tensor, server_round: int, *, generator: torch.Generator
     ) -> Tensor:
-        """Return the update to send: ``delta`` itself unless an update attack is active."""
+        """Return the update to send: ``update`` itself unless an update attack is active."""
         from . import poisoning
 
         if not self.active(server_round) or self.attack not in poisoning.UPDATE_POISONINGS:
-            return delta
+            return update
         attack = poisoning.get_update_poisoning(self.attack, **dict(self.params))
-        return attack(delta, generator=generator)
+        return attack(update, generator=generator)
 
 
 def data_attack_params(attack: str, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -565,15 +565,15 @@ def _dba_attack(*, target: int = 0, fraction: float = 0.5, size: int = 2,
 # --------------------------------------------------------------------------- own-update attacks
 
 
-def boost_update(delta: Tensor, factor: float) -> Tensor:
-    """Model-replacement boosting [Bagdasaryan et al., AISTATS 2020]: ``factor * delta``.
+def boost_update(update: Tensor, factor: float) -> Tensor:
+    """Model-replacement boosting [Bagdasaryan et al., AISTATS 2020]: ``factor * update``.
 
     With FedAvg's global learning rate ``eta`` over ``n`` clients, ``factor ~ n / eta``
     makes the attacker's update replace the global model.
 
     Parameters
     ----------
-    delta
+    update
         The attacker's update, any shape, floating point.
     factor
         Finite and ``> 0``.
@@ -581,16 +581,16 @@ def boost_update(delta: Tensor, factor: float) -> Tensor:
     Returns
     -------
     Tensor
-        Same shape, dtype and device as ``delta``.
+        Same shape, dtype and device as ``update``.
 
     Examples
     --------
     >>> boost_update(torch.tensor([1.0, -2.0]), 10.0)
     tensor([ 10., -20.])
     """
-    _check_delta("boost_update", delta, flat=False)
+    _check_update("boost_update", update, flat=False)
     factor = _check_positive("boost_update", "factor", factor)
-    return delta * factor
+    return update * factor
 
 
 def inflate_examples(true_count: int, factor: float) -> int:
@@ -633,12 +633,12 @@ def _check_positive(where: str, name: str, value: float) -> float:
     return value
 
 
-def _check_delta(where: str, delta: Tensor, *, flat: bool) -> None:
-    if not isinstance(delta, Tensor) or not delta.is_floating_point():
+def _check_update(where: str, update: Tensor, *, flat: bool) -> None:
+    if not isinstance(update, Tensor) or not update.is_floating_point():
         raise ValueError(f"{where}: the update must be a floating-point tensor")
-    if flat and (delta.ndim != 1 or delta.numel() == 0):
-        raise ValueError(f"{where}: the update must be a (d,) vector, got {tuple(delta.shape)}")
-    if not bool(torch.isfinite(delta).all()):
+    if flat and (update.ndim != 1 or update.numel() == 0):
+        raise ValueError(f"{where}: the update must be a (d,) vector, got {tuple(update.shape)}")
+    if not bool(torch.isfinite(update).all()):
         raise ValueError(f"{where}: the update contains NaN or Inf")
 
 
@@ -646,7 +646,7 @@ def _check_delta(where: str, delta: Tensor, *, flat: bool) -> None:
 class UpdatePoisoning:
     """An update poisoning with its parameters bound; build with :func:`get_update_poisoning`.
 
-    ``poison(delta, generator=...)`` maps the client's honest ``(d,)`` update to the one it
+    ``poison(update, generator=...)`` maps the client's honest ``(d,)`` update to the one it
     sends, same shape, dtype and device.
 
     Examples
@@ -660,18 +660,18 @@ class UpdatePoisoning:
     params: Mapping[str, Any]
     fn: Callable[[Tensor, torch.Generator], Tensor] = field(repr=False, compare=False)
 
-    def __call__(self, delta: Tensor, *, generator: torch.Generator) -> Tensor:
+    def __call__(self, update: Tensor, *, generator: torch.Generator) -> Tensor:
         """Return the poisoned ``(d,)`` update.
 
         Raises
         ------
         ValueError
-            If ``delta`` is not a non-empty finite floating ``(d,)`` vector.
+            If ``update`` is not a non-empty finite floating ``(d,)`` vector.
         TypeError
             If ``generator`` is not a ``torch.Generator``.
         """
-        _check_delta(self.name, delta, flat=True)
-        return self.fn(delta, _check_generator(self.name, generator))
+        _check_update(self.name, update, flat=True)
+        return self.fn(update, _check_generator(self.name, generator))
 
 
 UPDATE_POISONINGS: Registry[Factory[UpdatePoisoning]] = Registry("update poisoning")
@@ -681,7 +681,7 @@ def register_update_poisoning(
     name: str, *, params: Mapping[str, Check] | None = None,
     validate: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> Callable[[F], F]:
-    """Register the decorated ``fn(delta, *, hyper..., generator?)`` as the update poisoning
+    """Register the decorated ``fn(update, *, hyper..., generator?)`` as the update poisoning
     ``name``; the function is returned unchanged.
 
     ``params`` checks each hyperparameter, ``validate`` all of them together; a function
@@ -692,8 +692,8 @@ def register_update_poisoning(
 
         def make(p: dict[str, Any]) -> UpdatePoisoning:
             if random:
-                return UpdatePoisoning(name, p, lambda d, g: fn(d, generator=g, **p))
-            return UpdatePoisoning(name, p, lambda d, g: fn(d, **p))
+                return UpdatePoisoning(name, p, lambda u, g: fn(u, generator=g, **p))
+            return UpdatePoisoning(name, p, lambda u, g: fn(u, **p))
 
         UPDATE_POISONINGS.register(name)(Factory(
             name, fn, make, params=params, runtime=("generator",), validate=validate))
@@ -733,42 +733,42 @@ def _norm_or_std(params: Mapping[str, Any]) -> None:
 
 
 @register_update_poisoning("sign_flip", params={"scale": _check_positive})
-def sign_flip_update(delta: Tensor, *, scale: float = 10.0) -> Tensor:
-    """Sign flipping of the client's own update: ``-scale * delta``.
+def sign_flip_update(update: Tensor, *, scale: float = 10.0) -> Tensor:
+    """Sign flipping of the client's own update: ``-scale * update``.
 
     [Li et al., AAAI 2019 (RSA); Allen-Zhu et al., ICLR 2021].
 
     Returns
     -------
     Tensor
-        ``(d,)``, dtype and device of ``delta``.
+        ``(d,)``, dtype and device of ``update``.
 
     Examples
     --------
     >>> sign_flip_update(torch.tensor([1.0, -2.0]), scale=2.0)
     tensor([-2.,  4.])
     """
-    return -scale * delta
+    return -scale * update
 
 
 @register_update_poisoning("gaussian", params={"norm": optional(_check_positive),
                                        "std": optional(_check_positive)},
                            validate=_norm_or_std)
-def gaussian_update(delta: Tensor, *, generator: torch.Generator, norm: float | None = None,
+def gaussian_update(update: Tensor, *, generator: torch.Generator, norm: float | None = None,
                     std: float | None = None) -> Tensor:
     """Random update in place of the client's own [Blanchard et al., NeurIPS 2017].
 
     - ``std`` given: ``N(0, std^2 I_d)``;
     - else: ``norm * u / ||u||`` with ``u ~ N(0, I_d)`` (a uniformly random direction)
-      and ``norm`` the given L2 norm, or ``||delta||`` when ``norm`` is ``None`` (so a
+      and ``norm`` the given L2 norm, or ``||update||`` when ``norm`` is ``None`` (so a
       norm-based filter cannot tell it from the honest update).
 
-    Draws come from ``generator`` on its device, then move to ``delta``'s device.
+    Draws come from ``generator`` on its device, then move to ``update``'s device.
 
     Returns
     -------
     Tensor
-        ``(d,)``, dtype and device of ``delta``.
+        ``(d,)``, dtype and device of ``update``.
 
     Raises
     ------
@@ -784,10 +784,10 @@ def gaussian_update(delta: Tensor, *, generator: torch.Generator, norm: float | 
     """
     if norm is not None and std is not None:
         raise ValueError("gaussian: give norm or std, not both")
-    u = torch.randn(delta.shape, generator=generator, device=generator.device,
+    u = torch.randn(update.shape, generator=generator, device=generator.device,
                     dtype=torch.float64)
     if std is not None:
-        return (std * u).to(device=delta.device, dtype=delta.dtype)
-    target = float(torch.linalg.vector_norm(delta.to(torch.float64))) if norm is None else norm
+        return (std * u).to(device=update.device, dtype=update.dtype)
+    target = float(torch.linalg.vector_norm(update.to(torch.float64))) if norm is None else norm
     direction = u.div(torch.linalg.vector_norm(u))
-    return (target * direction).to(device=delta.device, dtype=delta.dtype)
+    return (target * direction).to(device=update.device, dtype=update.dtype)

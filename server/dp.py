@@ -239,7 +239,7 @@ def dp_mean(
     Parameters
     ----------
     updates
-        ``(n, d)`` finite float updates (deltas), ``n >= 0``.
+        ``(n, d)`` finite float updates, ``n >= 0``.
     clipping_norm
         ``C > 0``.
     noise_multiplier
@@ -286,10 +286,10 @@ def dp_mean(
 def update_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float) -> float:
     """Noise multiplier left for the update when the clipped count is also released.
 
-    ``z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` [Andrew et al., 2021, Thm. 1]: the round
-    (update with multiplier ``z_delta`` on sensitivity ``C``; count of unclipped updates,
-    each counted as ``b_i - 1/2``, with noise ``sigma_b`` on sensitivity ``1/2``) is as
-    private as one Gaussian mechanism with multiplier ``z``.
+    ``z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` (the paper's ``z_Δ``) [Andrew et al.,
+    2021, Thm. 1]: the round (update with multiplier ``z_update`` on sensitivity ``C``;
+    count of unclipped updates, each counted as ``b_i - 1/2``, with noise ``sigma_b`` on
+    sensitivity ``1/2``) is as private as one Gaussian mechanism with multiplier ``z``.
 
     Raises
     ------
@@ -343,7 +343,7 @@ class CentralDPResult:
         ``C`` used this round.
     noise_std
         Standard deviation of the noise on each coordinate of ``update``
-        (``z_delta C / m``).
+        (``z_update C / m``).
     num_clipped
         How many of the ``n`` updates were scaled down.
     unclipped_fraction
@@ -369,11 +369,11 @@ class DPFedAvg:
 
     Adaptive clipping, with ``b_i = 1[||x_i|| <= C]`` and ``sigma_b`` the count noise::
 
-        update  = sum_i clip(x_i, C) / m + N(0, (z_delta C / m)^2)
+        update  = sum_i clip(x_i, C) / m + N(0, (z_update C / m)^2)
         b_tilde = (sum_i (b_i - 1/2) + N(0, sigma_b^2)) / m + 1/2
         C      <- C exp(-eta (b_tilde - gamma))
 
-    where ``z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` (:func:`update_noise_multiplier`);
+    where ``z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` (:func:`update_noise_multiplier`);
     ``b_tilde`` is an unbiased estimate of the unclipped fraction when ``n = m``, and ``C``
     moves towards the ``gamma`` quantile of the norms. Either way the round is booked as
     :meth:`accounting_event`.
@@ -417,8 +417,8 @@ class DPFedAvg:
         return self.expected_clients / 20 if sb is None else sb
 
     @property
-    def z_delta(self) -> float:
-        """Multiplier of the noise on the update: ``z``, or ``z_delta`` when adaptive."""
+    def z_update(self) -> float:
+        """Multiplier of the noise on the update: ``z``, or ``z_update`` when adaptive."""
         if not self.config.adaptive:
             return self.config.noise_multiplier
         return update_noise_multiplier(self.config.noise_multiplier, self.count_stddev)
@@ -446,8 +446,8 @@ class DPFedAvg:
         m = self.expected_clients
         c = state.clipping_norm
         clipped, _, was_clipped = clip_updates(updates, c)
-        std = self.z_delta * c / m
-        noise = gaussian_noise(updates.shape[1], self.z_delta * c,
+        std = self.z_update * c / m
+        noise = gaussian_noise(updates.shape[1], self.z_update * c,
                                generator=generator, dtype=updates.dtype, device=updates.device)
         update = (clipped.sum(dim=0) + noise) / m
         num_clipped = int(was_clipped.sum())

@@ -148,7 +148,7 @@ class Rejection:
     reason: str
 
 
-# Applied to validated deltas before aggregation: (round, deltas (n, d), replies) -> (n, d).
+# Applied to validated updates before aggregation: (round, updates (n, d), replies) -> (n, d).
 # The simulation adversary (omniscient attacks) and similar wrappers plug in here.
 UpdateHook = Callable[[int, Tensor, Sequence[ClientReply]], Tensor]
 
@@ -284,7 +284,7 @@ def aggregate_round(
     hooks: Sequence[UpdateHook] = (),
     device: torch.device | None = None,
 ) -> RoundOutcome:
-    """Validate ``replies``, stack their deltas, aggregate, and return the new global vector.
+    """Validate ``replies``, stack their updates, aggregate, and return the new global vector.
 
     Parameters
     ----------
@@ -305,7 +305,7 @@ def aggregate_round(
     generator
         Randomness for stochastic rules (bucketing).
     hooks
-        Transformations of the ``(n, d)`` deltas applied before the rule.
+        Transformations of the ``(n, d)`` updates applied before the rule.
     device
         Where to aggregate (defaults to ``global_flat``'s device).
 

@@ -2,7 +2,7 @@
 
 Every attack maps the stack of honest updates ``(h, d)`` to the ``f`` malicious updates
 ``(f, d)`` sent by the colluding Byzantine clients, in the same dtype and on the same
-device. Updates are deltas (local weights minus the global weights), so the global model
+device. An update is the local weights minus the global weights, so the global model
 the attackers received, ``w_Re`` in [Fang et al., 2020], is the origin here. ``n = h + f``
 clients take part in the round.
 

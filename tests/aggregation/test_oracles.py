@@ -228,30 +228,30 @@ def test_bulyan_with_f_zero_is_the_mean_like_flower() -> None:
     np.testing.assert_allclose(flower[0], x.mean(axis=0), rtol=1e-12)
 
 
-# --- precision: deltas versus full weights -----------------------------------------------
+# --- precision: updates versus full weights ----------------------------------------------
 
-def test_krum_is_exact_on_small_deltas_where_flower_full_weight_distances_fail() -> None:
-    """Honest deltas are 1e-5 * noise, one client 1e-5 * 6 away; the model weights are of
+def test_krum_is_exact_on_small_updates_where_flower_full_weight_distances_fail() -> None:
+    """Honest updates are 1e-5 * noise, one client 1e-5 * 6 away; the model weights are of
     scale 1. Flower's ``|x|^2 + |y|^2 - 2xy`` on full float32 weights loses every digit of
     the distances (negative values, errors far beyond the distances themselves). Our Krum
-    on float32 *deltas* picks exactly the client the float64 brute force picks, and scores
+    on float32 *updates* picks exactly the client the float64 brute force picks, and scores
     match to float32 precision; on full float32 weights it still picks right, thanks to
     median-centring (only the rounding of the stored weights remains)."""
     n, f, d = 9, 2, 2000
     g = gen(700)
     base = torch.randn(d, generator=g, dtype=torch.float64)  # model weights, scale 1
-    deltas = 1e-5 * torch.randn(n, d, generator=g, dtype=torch.float64)
-    deltas[3] += 1e-5 * 6.0  # a far-away client, still at the 1e-5 scale
-    truth = _brute_krum_order(deltas.numpy(), list(range(n)), f)[0]
+    updates = 1e-5 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    updates[3] += 1e-5 * 6.0  # a far-away client, still at the 1e-5 scale
+    truth = _brute_krum_order(updates.numpy(), list(range(n)), f)[0]
 
-    ours = rules.krum(deltas.float(), f=f)
+    ours = rules.krum(updates.float(), f=f)
     assert ours.kept.tolist() == [truth]
-    true_d = np.array([[_sq(a, b) for b in deltas.numpy()] for a in deltas.numpy()])
+    true_d = np.array([[_sq(a, b) for b in updates.numpy()] for a in updates.numpy()])
     true_scores = np.sort(true_d + np.diag([math.inf] * n), axis=1)[:, :n - f - 2].sum(axis=1)
     np.testing.assert_allclose(ours.info["scores"].double().numpy(), true_scores, rtol=1e-5)
-    assert 3 not in rules.multi_krum(deltas.float(), f=f).kept.tolist()
+    assert 3 not in rules.multi_krum(updates.float(), f=f).kept.tolist()
 
-    weights32 = (base + deltas).float().numpy()
+    weights32 = (base + updates).float().numpy()
     records = [flwr_app.ArrayRecord([row]) for row in weights32]
     flower_d = flwr_multikrum.compute_distances(records)
     off = ~np.eye(n, dtype=bool)

@@ -37,7 +37,7 @@ def _reply(ctx: Context, rnd: int = 1) -> tuple[dict[str, torch.Tensor], dict[st
     return out.content["arrays"].to_torch_state_dict(), dict(out.content["metrics"]), g  # type: ignore[union-attr]
 
 
-def _delta(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> torch.Tensor:
+def _update(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([(new[k] - old[k]).reshape(-1) for k in old])
 
 
@@ -65,7 +65,7 @@ def test_sign_flip_client_sends_minus_scale_times_its_honest_update() -> None:
     bad, _ = _malicious_pid(3)
     honest, _, g = _reply(_ctx(bad))
     flipped, _, _ = _reply(_ctx(bad, "num-malicious=3", "attack=sign_flip", "attack-params=scale=4.0"))
-    torch.testing.assert_close(_delta(flipped, g), -4.0 * _delta(honest, g), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_update(flipped, g), -4.0 * _update(honest, g), rtol=1e-5, atol=1e-6)
 
 
 def test_inflate_examples_reports_a_forged_count_and_honest_clients_do_not() -> None:
@@ -102,9 +102,9 @@ def test_local_dp_update_is_clipped_and_noised() -> None:
     ctx = _ctx(4, "local-dp=clipping_norm=0.5, noise_std=0.0001")
     noised, _, g = _reply(ctx)
     plain, _, _ = _reply(_ctx(4))
-    d_noised, d_plain = _delta(noised, g), _delta(plain, g)
-    clipped = d_plain * min(1.0, 0.5 / float(d_plain.norm()))
-    assert float((d_noised - clipped).std()) == pytest.approx(1e-4, rel=0.1)
+    u_noised, u_plain = _update(noised, g), _update(plain, g)
+    clipped = u_plain * min(1.0, 0.5 / float(u_plain.norm()))
+    assert float((u_noised - clipped).std()) == pytest.approx(1e-4, rel=0.1)
 
 
 @pytest.mark.parametrize("key", ["dp-sgd", "local-dp", "adversarial-training"])

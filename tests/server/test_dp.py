@@ -202,7 +202,7 @@ def test_adaptive_clip_tracks_target_quantile(gamma: float, start: float) -> Non
         assert result.unclipped_fraction is not None
         assert new.clipping_norm == pytest.approx(
             state.clipping_norm * math.exp(-0.2 * (result.unclipped_fraction - gamma)))
-        assert result.noise_std == pytest.approx(dp.z_delta * state.clipping_norm / m)
+        assert result.noise_std == pytest.approx(dp.z_update * state.clipping_norm / m)
         state = new
         trace.append(state.clipping_norm)
     target = 2 * math.exp(0.5 * float(stats.norm.ppf(gamma)))

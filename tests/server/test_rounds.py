@@ -1,4 +1,4 @@
-"""The framework-free round: validation of replies, deltas, skipping, reports."""
+"""The framework-free round: validation of replies, updates, skipping, reports."""
 
 from __future__ import annotations
 
@@ -122,8 +122,8 @@ def test_krum_rejections_are_reported_per_client() -> None:
     assert {r["node_id"] for r in report["rejected"]} == rule_rejected
 
 
-def test_krum_on_deltas_picks_right_client_at_update_scale_1e5() -> None:
-    """Weights of scale 1, updates of scale 1e-5: the adapter works on float64 deltas.
+def test_krum_on_updates_picks_right_client_at_update_scale_1e5() -> None:
+    """Weights of scale 1, updates of scale 1e-5: the adapter works on float64 updates.
 
     Flower's Krum computes |x|^2 + |y|^2 - 2xy on full float32 models; at this scale those
     distances are dominated by rounding (FLOWER_NOTES: 10-40x errors, negative values).
@@ -142,9 +142,9 @@ def test_krum_on_deltas_picks_right_client_at_update_scale_1e5() -> None:
         w = (g32.double() + base + offsets[i]).float()  # float32 transport
         replies.append(ClientReply(i, spec.unflatten(w.double()), 1.0, partition_id=i))
     out = _round(replies, "krum", global_flat=g32.double(), f=1)
-    # oracle: brute-force Krum on the exact float32 deltas in float64
-    deltas = torch.stack([spec.flatten(r.state) for r in replies]) - g32.double()  # type: ignore[arg-type]
-    d2 = torch.cdist(deltas, deltas) ** 2
+    # oracle: brute-force Krum on the exact float32 updates in float64
+    updates = torch.stack([spec.flatten(r.state) for r in replies]) - g32.double()  # type: ignore[arg-type]
+    d2 = torch.cdist(updates, updates) ** 2
     scores = torch.sort(d2, dim=1).values[:, 1 : 7 - 1 - 2 + 1].sum(1)
     assert out.kept_nodes == (int(scores.argmin()),)
     assert out.kept_nodes != (3,)

@@ -39,28 +39,28 @@ def test_no_malicious_no_adversary() -> None:
 def test_alie_replaces_exactly_the_malicious_rows_with_mean_minus_z_std() -> None:
     adv = _adv("num-malicious=3", "attack=alie", "seed=4")
     assert adv is not None
-    deltas = torch.randn(10, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    out = _mount(adv, 1, deltas, _replies(10))
+    updates = torch.randn(10, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = _mount(adv, 1, updates, _replies(10))
     bad = sorted(malicious_partitions(10, 3, 4))
     honest = [i for i in range(10) if i not in bad]
-    torch.testing.assert_close(out[honest], deltas[honest])
-    mu, sd = deltas[honest].mean(0), deltas[honest].std(0)
+    torch.testing.assert_close(out[honest], updates[honest])
+    mu, sd = updates[honest].mean(0), updates[honest].std(0)
     z = alie_z_max(10, 3)
     for i in bad:
         torch.testing.assert_close(out[i], mu - z * sd)
     torch.testing.assert_close(
-        out[bad], alie(deltas[honest], f=3), msg="agrees with the attack function"
+        out[bad], alie(updates[honest], f=3), msg="agrees with the attack function"
     )
 
 
 def test_own_data_knowledge_uses_only_the_attackers_updates() -> None:
     adv = _adv("num-malicious=3", "attack=ipm", "attack-params=epsilon=2.0", "attack-knowledge=own-data")
     assert adv is not None
-    deltas = torch.randn(10, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    updates = torch.randn(10, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     bad = sorted(malicious_partitions(10, 3, 0))
-    out = _mount(adv, 1, deltas, _replies(10))
+    out = _mount(adv, 1, updates, _replies(10))
     for i in bad:
-        torch.testing.assert_close(out[i], -2.0 * deltas[bad].mean(0))
+        torch.testing.assert_close(out[i], -2.0 * updates[bad].mean(0))
 
 
 def test_attack_waits_for_start_round() -> None:
