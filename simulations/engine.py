@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 
 from runconfig.config import RunConfig, Scalar
 
-__all__ = ["InProcessGrid", "run_in_process"]
+__all__ = ["InProcessGrid", "check_names", "run_in_process", "validate"]
 
 
 # A fault model for tests: fault(partition_id, message) -> True drops the message (a lost
@@ -157,6 +157,61 @@ class InProcessGrid(Grid):
         return reply
 
 
+def check_names(cfg: RunConfig) -> None:
+    """Every component ``cfg`` names exists and takes the given parameters; loads no data.
+
+    The checks that need a registry, made once here for the engine, the bench and the CLI
+    (the checks of values and of several keys together are made by
+    :meth:`runconfig.config.RunConfig.from_flat`).
+
+    Raises
+    ------
+    KeyError
+        An unknown dataset, partitioner, model, rule, pre-aggregation step or attack (the
+        message names the closest valid one).
+    TypeError
+        An unknown or missing parameter of one of them.
+    ValueError
+        A parameter out of range; central DP with a rule it does not cover; an omniscient
+        attack with no adversary to mount it.
+    FileNotFoundError
+        An ``npz:PATH`` dataset whose file does not exist.
+    """
+    from pathlib import Path
+
+    from aggregation.registry import unknown_name_message
+    from client.app import train_settings
+    from client.malicious import is_client_side_attack
+    from server.privacy import CentralDP
+    from server.run import build_rule
+
+    from .adversary import all_attack_names
+    from .datasets import DATASETS
+    from .models import MODELS
+    from .partition import PARTITIONERS
+
+    train_settings(cfg)  # the optimizer's name and the training hyperparameters
+    DATASETS.get(cfg.dataset.split(":", 1)[0])
+    if cfg.dataset.startswith("npz:") and not Path(cfg.dataset[4:]).expanduser().is_file():
+        raise FileNotFoundError(f"dataset {cfg.dataset!r}: no such file {cfg.dataset[4:]!r}")
+    PARTITIONERS.build(cfg.partitioner.name, **cfg.partitioner.params)
+    MODELS.build(cfg.model.name, **cfg.model.params)
+    build_rule(cfg)
+    if cfg.central_dp:
+        CentralDP.from_params(cfg.central_dp, rule=cfg.rule.name,
+                              clients_per_round=cfg.clients_per_round)
+    if cfg.num_malicious > 0:
+        attack = cfg.attack.name
+        if attack not in all_attack_names():
+            raise KeyError(unknown_name_message("attack", attack, all_attack_names()))
+        if not is_client_side_attack(attack) and not cfg.adversary:
+            raise ValueError(
+                f"attack {attack!r} is mounted by the simulation adversary, but adversary is "
+                "empty: the run would be attack-free. Set adversary="
+                "'simulations.adversary:build_adversary'"
+            )
+
+
 def validate(run_config: Mapping[str, Scalar] | RunConfig, num_clients: int) -> RunConfig:
     """Check the settings that depend on the number of clients before round 1.
 
@@ -173,19 +228,17 @@ def validate(run_config: Mapping[str, Scalar] | RunConfig, num_clients: int) -> 
     """
     import torch
 
-    from aggregation.registry import make_generator, unknown_name_message
-    from client.app import train_settings
+    from aggregation.registry import make_generator
     from client.local_dp import local_dp_update
-    from client.malicious import is_client_side_attack, malicious_partitions
+    from client.malicious import malicious_partitions
     from server.privacy import CentralDP
 
-    from .adversary import all_attack_names
     from .task import build_task
 
     cfg = run_config if isinstance(run_config, RunConfig) else RunConfig.from_flat(run_config)
     if num_clients < 1:
         raise ValueError(f"num-clients must be >= 1, got {num_clients}")
-    train_settings(cfg)
+    check_names(cfg)
     malicious_partitions(num_clients, cfg.num_malicious, cfg.seed)
     build_task(cfg.flat).partition_indices(num_clients)
     if cfg.clients_per_round > num_clients:
@@ -194,16 +247,6 @@ def validate(run_config: Mapping[str, Scalar] | RunConfig, num_clients: int) -> 
             "every round would wait node-wait-timeout for nodes that do not exist; lower "
             "clients-per-round"
         )
-    if cfg.num_malicious > 0:
-        attack = cfg.attack.name
-        if attack not in all_attack_names():
-            raise KeyError(unknown_name_message("attack", attack, all_attack_names()))
-        if not is_client_side_attack(attack) and not cfg.adversary:
-            raise ValueError(
-                f"attack {attack!r} is mounted by the simulation adversary, but adversary is "
-                "empty: the run would be attack-free. Set adversary="
-                "'simulations.adversary:build_adversary'"
-            )
     if cfg.central_dp:
         CentralDP.from_params(
             cfg.central_dp, rule=cfg.rule.name, clients_per_round=cfg.clients_per_round,

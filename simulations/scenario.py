@@ -87,21 +87,18 @@ import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from runconfig.config import RunConfig
 from runconfig.spec import (
-    Spec,
     format_params,
-    parse_params,
     parse_spec,
-    parse_specs,
     split_top_level,
 )
 
-from .config import DEFAULTS, Scalar, resolve_config
+from .config import Scalar, resolve_config
 from .report import NO_ATTACK, Coordinates
 
 __all__ = [
@@ -594,20 +591,10 @@ def load_scenario(ref: str | os.PathLike[str]) -> Scenario:
 # validation before running
 
 
-@lru_cache(maxsize=256)
-def _check_defense(rule: str, params: str, pre: str, f: int) -> None:
-    from server.run import build_aggregator
-
-    build_aggregator(
-        Spec(rule, parse_params(params, what="aggregator-params")),
-        parse_specs(pre, what="pre-aggregation step"),
-        default_f=f,
-    )
-
-
 def check_cells(cells: Sequence[Cell]) -> None:
-    """Fail fast on names the runs would reject: datasets (and missing ``npz:`` files),
-    partitioners, models, aggregators with their parameters and pre-aggregation, attacks.
+    """Fail fast, before any cell runs, on settings the runs would reject: every cell's
+    config is parsed (:meth:`runconfig.config.RunConfig.from_flat`) and every component it
+    names is checked against its registry (:func:`simulations.engine.check_names`).
 
     Raises
     ------
@@ -616,35 +603,14 @@ def check_cells(cells: Sequence[Cell]) -> None:
     FileNotFoundError
         An ``npz:PATH`` dataset whose file does not exist.
     TypeError, ValueError
-        Bad aggregator or pre-aggregation parameters.
+        Bad parameters or contradicting settings; the message names the cell.
     """
-    from .datasets import DATASETS
-    from .models import MODELS
-    from .partition import PARTITIONERS
+    from .engine import ENGINE_KEYS, check_names
 
-    default_adversary = DEFAULTS["adversary"]
-    attacks: list[str] | None = None
     for cell in cells:
-        cfg = cell.config
-        dataset = str(cfg["dataset"])
-        DATASETS.get(dataset.split(":", 1)[0])
-        if dataset.startswith("npz:") and not Path(dataset[4:]).expanduser().is_file():
-            raise FileNotFoundError(f"dataset {dataset!r}: no such file {dataset[4:]!r}")
-        PARTITIONERS.get(str(cfg["partitioner"]))
-        MODELS.get(str(cfg["model"]))
-        _check_defense(
-            str(cfg["aggregator"]), str(cfg["aggregator-params"]), str(cfg["pre-aggregation"]),
-            int(cfg["num-malicious"]),
-        )
-        if int(cfg["num-malicious"]) > 0 and cfg.get("adversary") == default_adversary:
-            if attacks is None:
-                from .adversary import all_attack_names
-
-                attacks = all_attack_names()
-            if cfg["attack"] not in attacks:
-                close = difflib.get_close_matches(str(cfg["attack"]), attacks, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise KeyError(
-                    f"unknown attack {cfg['attack']!r} in cell {cell.coords.label()!r}{hint} "
-                    f"Valid names: {', '.join(attacks)}"
-                )
+        flat = {k: v for k, v in cell.config.items() if k not in ENGINE_KEYS}
+        try:
+            check_names(RunConfig.from_flat(flat))
+        except (KeyError, TypeError, ValueError, FileNotFoundError) as exc:
+            message = exc.args[0] if exc.args else str(exc)
+            raise type(exc)(f"cell {cell.coords.label()!r}: {message}") from exc
