@@ -22,6 +22,11 @@ Rules (``aggregation.get(name, **params)``)
 | `bulyan`            | El Mhamdi et al., 2018        | n >= 4f + 3       | no            |
 | `geometric_median`  | Pillutla et al., 2022 (RFA)   | nu > 0            | `use_weights` |
 | `centered_clipping` | Karimireddy, He & Jaggi, 2021 | tau > 0; stateful | `use_weights` |
+| `flame`             | Nguyen et al., 2022 (FLAME)   | n >= 2; generator | no            |
+| `dnc`               | Shejwalkar & Houmansadr, 2021 | n > floor(c f);   | no            |
+|                     |                               | generator         |               |
+| `signguard`         | Xu et al., 2022 (SignGuard)   | 0 <= lower <= 1   | no            |
+|                     |                               | <= upper; gen.    |               |
 
 | rule                | equivariant to     | guarantee with at most f Byzantine clients        |
 |---------------------|--------------------|---------------------------------------------------|
@@ -39,6 +44,12 @@ Rules (``aggregation.get(name, **params)``)
 | `geometric_median`  | translation        | breakdown point 1/2                               |
 | `centered_clipping` | none (*)           | a Byzantine update of any norm moves the centre   |
 |                     |                    | by at most p_i x tau per iteration                |
+| `flame`             | scale              | removes updates outside the HDBSCAN cluster of    |
+|                     |                    | n//2+1 (cosine); clipped to the median norm       |
+| `dnc`               | translation, scale | removes the floor(c f) largest SVD outlier scores |
+|                     |                    | per iteration (built against min-max / min-sum)   |
+| `signguard`         | scale              | norm within [lower, upper] x median and in the    |
+|                     |                    | largest sign-statistics cluster; clipped          |
 
 (*) translation equivariant only when the state (the centre) is translated too. Rules
 marked "no" for weights validate and then ignore them; ``use_weights=True`` makes the
@@ -76,6 +87,7 @@ tensor([0])
 
 from __future__ import annotations
 
+from . import detection as _detection  # noqa: F401  (registers flame, dnc, signguard)
 from . import pre as _pre  # noqa: F401  (registers the pre-aggregation steps)
 from . import rules as _rules  # noqa: F401  (registers the rules)
 from ._types import AggregationResult, Aggregator, PreAggregator, PreAggResult, PreconditionError

@@ -1,9 +1,20 @@
-"""Shared input validation, hyperparameter checks and the distance kernel."""
+"""Shared input validation, hyperparameter checks and the kernels every rule runs on.
+
+The kernels are written for the memory bandwidth: an ``(n, d)`` stack is read in blocks of
+columns and never copied whole. :func:`sorted_column_map` (median, trimmed mean, Bulyan)
+sorts each column's ``n`` values in a small transposed block; :func:`pairwise_sq_distances`
+(Krum, Multi-Krum, Bulyan, NNM) is one matrix product accumulated over column chunks.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -11,13 +22,44 @@ __all__ = [
     "check_inputs",
     "check_int",
     "check_real",
+    "checked",
     "convex_mean",
+    "coordinate_median",
     "finite_update",
     "krum_scores",
     "lex_order",
     "pairwise_sq_distances",
     "row_norms",
+    "sorted_column_map",
 ]
+
+# The (updates, weights) pair that the enclosing call has already validated; see checked().
+_CHECKED: ContextVar[tuple[Tensor, Tensor | None] | None] = ContextVar(
+    "aggregation_checked_inputs", default=None
+)
+
+
+@contextmanager
+def checked(updates: Tensor, weights: Tensor | None) -> Iterator[None]:
+    """Within the block, :func:`check_inputs` passes these very tensors without re-checking.
+
+    A rule object, a composition or a detection wrapper validates its input once and then
+    calls the registered function, which validates again when called directly; inside this
+    block the second check is skipped for the *same* tensor objects (compared by identity),
+    so every call validates each input once. Any other tensor (the output of a
+    pre-aggregation step, say) is still checked. Scoped to the block and to the current
+    thread or task: nothing is remembered across calls.
+
+    Parameters
+    ----------
+    updates, weights
+        As returned by :func:`check_inputs`.
+    """
+    token = _CHECKED.set((updates, weights))
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
 
 
 def check_inputs(rule: str, updates: object,
@@ -45,6 +87,9 @@ def check_inputs(rule: str, updates: object,
     ValueError
         Naming what is wrong with the input.
     """
+    done = _CHECKED.get()
+    if done is not None and updates is done[0] and (weights is None or weights is done[1]):
+        return done[0], None if weights is None else done[1]
     if not isinstance(updates, Tensor):
         raise ValueError(
             f"{rule}: updates must be a torch.Tensor of shape (n, d), "
@@ -193,41 +238,168 @@ def row_norms(v: Tensor) -> Tensor:
     return torch.where(torch.isfinite(peak), scaled, peak)
 
 
+# Entries of one block of sorted_column_map (1 MiB of float32: in cache while it is sorted
+# and reduced, and large enough that torch's own threads share the reduction).
+_BLOCK_ELEMENTS = 1 << 18
+# The Gram matrix product runs as this many GEMMs over column chunks: large enough to run
+# at the GEMM's full speed, while the centred chunk costs only 1 / _GRAM_CHUNKS of the stack.
+_GRAM_CHUNKS = 4
+# dtypes that numpy sorts (with its SIMD sort on x86 for float32 / float64)
+_NUMPY_SORTS = (torch.float16, torch.float32, torch.float64)
+
+
+def sorted_column_map(x: Tensor, fn: Callable[[Tensor], Tensor], *,
+                      rows: Tensor | None = None) -> Tensor:
+    """``fn`` applied to the sorted values of every column of ``x``, block by block.
+
+    The columns of ``x`` ``(n, d)`` (or of ``x[rows]``) are cut into blocks of ``w``
+    columns; each block is copied transposed into a ``(w, n)`` buffer, so that every
+    column's ``n`` values are contiguous, sorted along its rows, and mapped by ``fn`` to
+    ``(w,)``. Nothing of size ``(n, d)`` is allocated: memory beyond ``x`` and the
+    ``(d,)`` result is one block. On CPU, float16/32/64 blocks are copied and sorted by
+    numpy (its vectorised sort is an order of magnitude faster than torch's CPU sort on
+    short rows), split over ``torch.get_num_threads()`` threads, which numpy runs without
+    the GIL; elsewhere with ``torch.sort``. ``fn`` runs on the calling thread (torch's
+    own threads then share it). The sorted values do not depend on the sort used, so
+    neither does the result.
+
+    Parameters
+    ----------
+    x
+        ``(n, d)``.
+    fn
+        Maps a sorted ``(w, n)`` block (rows ascending) to ``(w,)`` in ``x``'s dtype.
+    rows
+        ``(k,)`` int64 indices: use the columns of ``x[rows]`` (without copying ``x[rows]``).
+
+    Returns
+    -------
+    Tensor
+        ``(d,)``, dtype and device of ``x``.
+    """
+    src = x.detach()
+    n = src.shape[0] if rows is None else int(rows.numel())
+    d = src.shape[1]
+    width = max(1, min(d, _BLOCK_ELEMENTS // max(n, 1)))
+    buf = src.new_empty(width, n)
+    out = src.new_empty(d)
+    if not (src.device.type == "cpu" and src.dtype in _NUMPY_SORTS):
+        picked = None if rows is None else rows.to(src.device)
+        for s in range(0, d, width):
+            w = min(width, d - s)
+            values = src[:, s:s + w] if picked is None else src[picked, s:s + w]
+            block = torch.sort(buf[:w].copy_(values.T), dim=1).values
+            out[s:s + w] = fn(block)
+        return out
+    picked_np = None if rows is None else rows.cpu().numpy()
+    src_np, buf_np = src.numpy(), buf.numpy()
+
+    def sort_part(s: int, a: int, b: int) -> None:  # block rows a:b = columns s + a:s + b
+        values = src_np[:, s + a:s + b]
+        part = buf_np[a:b]
+        np.copyto(part, (values if picked_np is None else values[picked_np]).T)
+        part.sort(axis=1)
+
+    workers = max(1, min(torch.get_num_threads(), width))
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        for s in range(0, d, width):
+            w = min(width, d - s)
+            cuts = [w * k // workers for k in range(workers + 1)]
+            parts = [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+            if pool is None:
+                for a, b in parts:
+                    sort_part(s, a, b)
+            else:
+                for job in [pool.submit(sort_part, s, a, b) for a, b in parts]:
+                    job.result()
+            out[s:s + w] = fn(buf[:w])
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return out
+
+
+def coordinate_median(x: Tensor) -> Tensor:
+    """Coordinate-wise median of ``(n, d)`` along the rows, numpy's convention.
+
+    For even ``n`` the result is the average of the two middle values (``torch.median``
+    returns the lower one instead), computed as ``a / 2 + b / 2``: the same rounding as
+    ``(a + b) / 2`` but no overflow. Selected from each column's sorted values by
+    :func:`sorted_column_map`; the values equal ``torch.median`` / ``torch.kthvalue``'s.
+
+    Returns
+    -------
+    Tensor
+        ``(d,)``.
+    """
+    n = x.shape[0]
+    if n % 2 == 1:
+        return sorted_column_map(x, lambda s: s[:, n // 2])
+    return sorted_column_map(x, lambda s: s[:, n // 2 - 1] / 2 + s[:, n // 2] / 2)
+
+
 def _distance_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def pairwise_sq_distances(updates: Tensor) -> Tensor:
+def pairwise_sq_distances(updates: Tensor, f: int | None = None) -> Tensor:
     """Squared Euclidean distances ``D[i, j] = ||x_i - x_j||^2`` of an ``(n, d)`` stack.
 
     Computed as ``G_ii + G_jj - 2 G_ij`` with the Gram matrix ``G = C C^T`` of the rows
-    *centred on their coordinate-wise median*, ``C = X - median_i(X)``. Why: the expansion
-    cancels catastrophically when ``||x_i||`` is much larger than ``||x_i - x_j||`` (full
-    model weights, or a common drift shared by every update); centring removes the common
-    part, so the rounding error scales with the spread of the updates, not their norm. The
-    median (not the mean) is the centre because a few huge Byzantine rows would drag a mean
-    far from the honest cluster and bring the cancellation back for honest pairs.
+    *centred on a coordinate-wise median*, ``C = X - z``: one matrix product, accumulated
+    over a few column chunks of ``C`` (so ``C`` is never held whole); the chunks' ``(n, n)``
+    products are summed in float64. Why centred: the expansion cancels catastrophically
+    when ``||x_i||`` is much larger than ``||x_i - x_j||`` (full model weights, or a common
+    drift shared by every update); centring removes the common part, so the rounding error
+    scales with the spread of the updates, not their norm. The centre ``z`` changes only
+    the rounding, never the exact distances; it must lie among the honest updates, which is
+    why it is a median (a few huge Byzantine rows would drag a mean far from the honest
+    cluster and bring the cancellation back for honest pairs). With ``f`` given, ``z`` is
+    the coordinate-wise median of the first ``min(n, 2f + 1)`` rows: at most ``f`` of them
+    are Byzantine, so every coordinate of ``z`` lies within the honest values' range, the
+    same guarantee the median of all ``n`` rows gives, for a sort of ``2f + 1`` values per
+    coordinate instead of ``n``. Without ``f``, the (lower) median of all ``n`` rows.
     ``G_ii`` is read off the Gram matrix itself so that ``D_ii == 0`` exactly; ``D`` is
     symmetrised, and negatives (only rounding can produce them, the true value is
     ``>= 0``) are set to zero. A distance whose square overflows is Inf; a NaN (Inf - Inf,
     between two rows that both overflow) is set to Inf, which can only make such rows look
-    farther apart. Half-precision inputs are computed in float32.
+    farther apart. Half-precision inputs are centred and multiplied in float32, chunk by
+    chunk; float32 and float64 in their own dtype.
 
     Parameters
     ----------
     updates
         ``(n, d)`` floating tensor.
+    f
+        The number of Byzantine rows the caller tolerates, or ``None``.
 
     Returns
     -------
     Tensor
         ``(n, n)`` in float32 or float64, on the device of ``updates``.
     """
-    x = updates.to(_distance_dtype(updates.dtype))
-    c = x - x.median(dim=0).values  # (n, d)
-    gram = c @ c.T  # (n, n)
+    x = updates.detach()
+    n, d = x.shape
+    dtype = _distance_dtype(x.dtype)
+    voters = x if f is None or 2 * f + 1 >= n else x[:2 * f + 1]  # (k, d), a view
+    lower = (voters.shape[0] - 1) // 2
+    centre = sorted_column_map(voters, lambda s: s[:, lower]).to(dtype)  # (d,) lower median
+    width = -(-d // _GRAM_CHUNKS)
+    buf = torch.empty(n, width, dtype=dtype, device=x.device)
+    # the chunks' products are summed in float64 (in float32 on Apple's MPS, which has none)
+    total = dtype if x.device.type == "mps" else torch.float64
+    gram = torch.zeros(n, n, dtype=total, device=x.device)
+    for s in range(0, d, width):
+        w = min(width, d - s)
+        c = buf[:, :w]  # (n, w)
+        if x.dtype == dtype:
+            torch.sub(x[:, s:s + w], centre[s:s + w], out=c)
+        else:
+            c.copy_(x[:, s:s + w]).sub_(centre[s:s + w])
+        gram += (c @ c.T).to(total)
     sq = gram.diagonal()
-    dist = sq[:, None] + sq[None, :] - 2.0 * gram
+    dist = (sq[:, None] + sq[None, :] - 2.0 * gram).to(dtype)
     dist = 0.5 * (dist + dist.T)
     dist = torch.nan_to_num(dist, nan=math.inf, posinf=math.inf, neginf=math.inf)
     dist.fill_diagonal_(0.0)

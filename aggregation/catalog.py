@@ -15,7 +15,8 @@ component is writing that function and one decorator above it:
   :class:`Factory` the same way.
 
 The rule objects (:class:`Rule`, :class:`PreStep`) validate the input and call the
-registered function; they hold no maths.
+registered function, which then skips its own check of the same tensors (see
+:func:`~aggregation._checks.checked`); they hold no maths.
 
 Declared properties (used by the contract tests, by :func:`aggregation.compose` and by
 central DP):
@@ -50,7 +51,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch import Tensor
 
-from ._checks import check_inputs, check_int, check_real
+from ._checks import check_inputs, check_int, check_real, checked
 from ._types import AggregationResult, Aggregator, PreAggregator, PreAggResult
 from .registry import Registry
 
@@ -359,7 +360,8 @@ class Rule:
                 f"{self.name} is stateless but got state={type(state).__name__}: pass "
                 "state=None (only rules with stateful=True take a state)"
             )
-        return self._fn(updates, weights if self.use_weights else None, **kwargs)
+        with checked(updates, weights):  # the function does not check them again
+            return self._fn(updates, weights if self.use_weights else None, **kwargs)
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self.params.items())

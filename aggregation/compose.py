@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._checks import check_inputs
+from ._checks import check_inputs, checked
 from ._types import AggregationResult, Aggregator, PreAggregator
 
 __all__ = ["Composed", "compose"]
@@ -76,27 +76,29 @@ class Composed:
         """
         updates, weights = check_inputs(self.name, updates, weights)
         n = updates.shape[0]
-        members = torch.eye(n, dtype=torch.bool, device=updates.device)  # (rows, n)
-        x, w = updates, weights
-        for step in self.pre:
-            out = step(x, w, generator=generator)
-            rows = out.updates.shape[0]
-            if out.members.shape != (rows, x.shape[0]) or out.members.dtype != torch.bool:
+        # the first step (or the rule) gets the validated tensors and does not check again
+        with checked(updates, weights):
+            members = torch.eye(n, dtype=torch.bool, device=updates.device)  # (rows, n)
+            x, w = updates, weights
+            for step in self.pre:
+                out = step(x, w, generator=generator)
+                rows = out.updates.shape[0]
+                if out.members.shape != (rows, x.shape[0]) or out.members.dtype != torch.bool:
+                    raise ValueError(
+                        f"pre-aggregation step {step.name!r} returned members of shape "
+                        f"{tuple(out.members.shape)} and dtype {out.members.dtype}, expected "
+                        f"bool ({rows}, {x.shape[0]})"
+                    )
+                members = (out.members.float() @ members.float()) > 0
+                x, w = out.updates, out.weights
+            try:
+                res = self.rule(x, w, state=state, generator=generator)
+            except ValueError as err:
+                steps = "+".join(p.name for p in self.pre)
                 raise ValueError(
-                    f"pre-aggregation step {step.name!r} returned members of shape "
-                    f"{tuple(out.members.shape)} and dtype {out.members.dtype}, expected "
-                    f"bool ({rows}, {x.shape[0]})"
-                )
-            members = (out.members.float() @ members.float()) > 0
-            x, w = out.updates, out.weights
-        try:
-            res = self.rule(x, w, state=state, generator=generator)
-        except ValueError as err:
-            steps = "+".join(p.name for p in self.pre)
-            raise ValueError(
-                f"{err} (the rule ran on the output of {steps}: {n} clients became "
-                f"{x.shape[0]} rows)"
-            ) from err
+                    f"{err} (the rule ran on the output of {steps}: {n} clients became "
+                    f"{x.shape[0]} rows)"
+                ) from err
         kept = members[res.kept].any(dim=0).nonzero().flatten()
         info = dict(res.info)
         info["members"] = members

@@ -194,7 +194,7 @@ def nnm(updates: Tensor, weights: Tensor | None = None, *, f: int) -> PreAggResu
     n = updates.shape[0]
     if n <= 2 * f:
         raise PreconditionError(f"nnm needs n > 2f, got n={n}, f={f}: lower f or sample more clients")
-    dist = pairwise_sq_distances(updates)
+    dist = pairwise_sq_distances(updates, f)
     dist.fill_diagonal_(-1.0)  # each row is its own nearest neighbour, even among duplicates
     nearest = dist.topk(n - f, dim=1, largest=False).indices  # (n, n - f)
     mixing = updates.new_zeros(n, n)

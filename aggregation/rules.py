@@ -4,8 +4,11 @@ Every function takes ``updates`` ``(n, d)`` (one client per row) and ``weights``
 ``(n,)`` or ``None``, then keyword hyperparameters in the papers' vocabulary (``f`` Byzantine
 clients, ...), and returns an :class:`~aggregation.AggregationResult`. Rules without a
 weighted form refuse weights (the registry's rule objects pass ``None`` to them unless
-constructed with ``use_weights=True``). Inputs are validated by one shared helper; every
-precondition raises ``ValueError`` naming the rule, the values and the fix.
+constructed with ``use_weights=True``). Inputs are validated once per call by one shared helper
+(a rule object validates, then its function skips the check for the same tensors); every
+precondition raises ``ValueError`` naming the rule, the values and the fix. The kernels
+(:mod:`aggregation._checks`) read the stack in column blocks and compute in the updates'
+own dtype (half precision: distances in float32).
 
 A rule is registered by the :func:`~aggregation.catalog.register_rule` line above its
 function: the name configs use, a check per hyperparameter, how it treats weights and
@@ -25,11 +28,13 @@ from ._checks import (
     check_int,
     check_real,
     convex_mean,
+    coordinate_median,
     finite_update,
     krum_scores,
     lex_order,
     pairwise_sq_distances,
     row_norms,
+    sorted_column_map,
 )
 from ._types import AggregationResult, PreconditionError
 from .catalog import ALL, TS, integer, optional, real, register_rule
@@ -61,26 +66,6 @@ def _all_kept(updates: Tensor) -> Tensor:
 
 def _positive(weights: Tensor) -> Tensor:
     return (weights > 0).nonzero().flatten()
-
-
-def coordinate_median(x: Tensor) -> Tensor:
-    """Coordinate-wise median of ``(n, d)`` along the rows, numpy's convention.
-
-    For even ``n`` the result is the average of the two middle values (``torch.median``
-    returns the lower one instead), computed as ``a / 2 + b / 2``: the same rounding as
-    ``(a + b) / 2`` but no overflow.
-
-    Returns
-    -------
-    Tensor
-        ``(d,)``.
-    """
-    n = x.shape[0]
-    lower = x.median(dim=0).values  # the ceil(n / 2)-th smallest
-    if n % 2 == 1:
-        return lower
-    upper = x.kthvalue(n // 2 + 1, dim=0).values
-    return lower / 2 + upper / 2
 
 
 @register_rule("mean", params={"max_weight_ratio": optional(real(1.0))}, use_weights=True,
@@ -227,8 +212,12 @@ def trimmed_mean(updates: Tensor, weights: Tensor | None = None, *, f: int) -> A
         raise PreconditionError(
             f"trimmed_mean needs n > 2f, got n={n}, f={f}: lower f or sample more clients"
         )
-    kept_values = updates.sort(dim=0).values[f:n - f] if f > 0 else updates  # (n - 2f, d)
-    return AggregationResult(update=finite_update("trimmed_mean", convex_mean(kept_values)),
+    if f == 0:
+        update = convex_mean(updates)
+    else:
+        p = updates.new_full((n - 2 * f,), 1.0 / (n - 2 * f))
+        update = sorted_column_map(updates, lambda s: s[:, f:n - f] @ p)  # (w, n - 2f) @ p
+    return AggregationResult(update=finite_update("trimmed_mean", update),
                              kept=_all_kept(updates))
 
 
@@ -286,7 +275,7 @@ def krum(updates: Tensor, weights: Tensor | None = None, *, f: int) -> Aggregati
     f = check_int("krum", "f", f, minimum=0)
     n = updates.shape[0]
     _check_krum_n("krum", n, f)
-    dist = pairwise_sq_distances(updates)
+    dist = pairwise_sq_distances(updates, f)
     scores = krum_scores(dist, n - f - 2)
     best = lex_order(scores, dist.sum(dim=1))[:1]
     return AggregationResult(
@@ -335,7 +324,7 @@ def multi_krum(updates: Tensor, weights: Tensor | None = None, *, f: int,
 
     Examples
     --------
-    >>> x = torch.tensor([[0.0], [0.1], [0.2], [0.3], [50.0]])
+    >>> x = torch.tensor([[0.0], [0.1], [0.2], [0.35], [50.0]])
     >>> r = multi_krum(x, f=1, m=3)
     >>> r.kept.tolist(), round(float(r.update), 4)
     ([0, 1, 2], 0.1)
@@ -350,22 +339,40 @@ def multi_krum(updates: Tensor, weights: Tensor | None = None, *, f: int,
             f"multi_krum needs 1 <= m <= n - f, got m={m_}, n={n}, f={f}: "
             f"use m <= {n - f} or leave m unset for n - f"
         )
-    dist = pairwise_sq_distances(updates)
+    dist = pairwise_sq_distances(updates, f)
     scores = krum_scores(dist, n - f - 2)
     chosen = lex_order(scores, dist.sum(dim=1))[:m_].sort().values
-    selected = updates[chosen]  # (m, d)
-    if weights is None:
-        update = convex_mean(selected)
-    else:
-        w = weights[chosen]
-        if not bool(w.sum() > 0):
-            raise ValueError(
-                f"multi_krum: the {m_} selected clients {chosen.tolist()} all have weight 0: "
-                "nothing to average; check the reported weights"
-            )
-        update = convex_mean(selected, w / w.sum())
+    w = updates.new_ones(m_) if weights is None else weights[chosen]
+    if not bool(w.sum() > 0):
+        raise ValueError(
+            f"multi_krum: the {m_} selected clients {chosen.tolist()} all have weight 0: "
+            "nothing to average; check the reported weights"
+        )
+    # the selection's convex weights, 0 elsewhere: one pass over the stack, no (m, d) copy
+    p = updates.new_zeros(n).index_copy_(0, chosen, w / w.sum())
+    update = convex_mean(updates, p)
     return AggregationResult(update=finite_update("multi_krum", update), kept=chosen,
                              info={"scores": scores.to(updates.dtype)})
+
+
+def _closest_to_median_mean(s: Tensor, beta: int, p: Tensor) -> Tensor:
+    """Mean of the ``beta`` values of each row of ``s`` closest to the row's median.
+
+    ``s`` ``(w, theta)`` has ascending rows, so the ``beta`` values nearest the median are
+    a window ``s[:, j:j + beta]``. Sliding it up by one swaps ``s[j]`` for ``s[j + beta]``
+    and pays off exactly when ``s[j]`` is the farther of the two; that holds for the first
+    windows and then never again, so the start ``j`` is the number of windows for which it
+    holds. When the two are equally far the lower value is kept, as the brute-force
+    reference does. ``p`` ``(beta,)`` are the uniform convex weights. Returns ``(w,)``.
+    """
+    theta = s.shape[1]
+    half = theta // 2
+    med = s[:, half] if theta % 2 == 1 else s[:, half - 1] / 2 + s[:, half] / 2  # (w,)
+    outgoing = (s[:, :theta - beta] - med[:, None]).abs()  # (w, 2f)
+    incoming = (s[:, beta:] - med[:, None]).abs()  # (w, 2f)
+    start = (outgoing > incoming).sum(dim=1)  # (w,)
+    window = start[:, None] + torch.arange(beta, device=s.device)  # (w, beta)
+    return s.gather(1, window) @ p
 
 
 @register_rule("bulyan", params={"f": integer(0)}, equivariances=TS, properties=ALL,
@@ -389,6 +396,9 @@ def bulyan(updates: Tensor, weights: Tensor | None = None, *, f: int) -> Aggrega
     .. math:: y_k = \frac{1}{\beta} \sum_{i \in B_k} x_{ik}, \quad
               B_k = \arg\min_{|B| = \beta} \sum_{i \in B} |x_{ik} - \mathrm{med}_{j \in S}
               x_{jk}|
+
+    (when two values are equally far from the median on either side, the lower one is
+    kept). The selected updates are not copied: each column is sorted in a small block.
 
     Parameters
     ----------
@@ -428,7 +438,7 @@ def bulyan(updates: Tensor, weights: Tensor | None = None, *, f: int) -> Aggrega
         )
     theta = n - 2 * f
     beta = theta - 2 * f
-    dist = pairwise_sq_distances(updates)
+    dist = pairwise_sq_distances(updates, f)
     first_scores = krum_scores(dist, n - f - 2)
     remaining = torch.ones(n, dtype=torch.bool, device=updates.device)
     order: list[int] = []
@@ -444,10 +454,9 @@ def bulyan(updates: Tensor, weights: Tensor | None = None, *, f: int) -> Aggrega
         remaining[pick] = False
         order.append(pick)
     chosen = torch.tensor(order, dtype=torch.long, device=updates.device)
-    selected = updates[chosen]  # (theta, d)
-    centre = coordinate_median(selected)  # (d,)
-    closest = (selected - centre).abs().topk(beta, dim=0, largest=False).indices  # (beta, d)
-    update = convex_mean(selected.gather(0, closest))
+    p = updates.new_full((beta,), 1.0 / beta)
+    update = sorted_column_map(updates, lambda s: _closest_to_median_mean(s, beta, p),
+                               rows=chosen)
     return AggregationResult(
         update=finite_update("bulyan", update),
         kept=chosen.sort().values,

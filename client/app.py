@@ -28,6 +28,7 @@ from .malicious import (
     poison_data,
     reported_examples,
 )
+from .secagg import secagg_reply, update_and_weight
 from .task import load_task
 from .train import TrainSettings, local_train, resolve_device
 
@@ -225,3 +226,39 @@ def _train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def _evaluate(msg: Message, context: Context) -> Message:
     return handle_evaluate(msg, context)
+
+
+def handle_query(msg: Message, context: Context) -> Message:
+    """Secure aggregation's stages (``client/secagg.py``); the protocol's state between the
+    messages of one round lives in ``context.state["secagg"]``."""
+    if "secagg" not in msg.content.config_records:
+        raise ValueError("a fedshield client answers only secure aggregation queries (a "
+                         "'secagg' config record naming the stage)")
+
+    def train() -> tuple[Any, int]:  # masked-input: train as a plain round would
+        trained = handle_train(msg, context).content
+        return update_and_weight(msg.content["arrays"].to_torch_state_dict(),
+                                 trained["arrays"].to_torch_state_dict(),
+                                 trained["metrics"]["num-examples"])
+
+    records = msg.content.array_records
+    blobs = {k: t.numpy().tobytes() for k, t in records["secagg-blobs"].to_torch_state_dict().items()
+             } if "secagg-blobs" in records else {}
+    saved = str(context.state["secagg"]["state"]) if "secagg" in context.state else None
+    config, out_blobs, vector, new_state = secagg_reply(
+        dict(msg.content.config_records["secagg"]), blobs, saved,
+        me=int(context.node_id), train=train)
+    context.state["secagg"] = ConfigRecord({"state": new_state})
+    content: dict[str, Any] = {
+        "secagg": ConfigRecord(config),
+        "secagg-blobs": ArrayRecord({k: torch.frombuffer(bytearray(v), dtype=torch.uint8)
+                                     for k, v in out_blobs.items()}),
+    }
+    if vector is not None:
+        content["secagg-vector"] = ArrayRecord({"masked": vector})
+    return Message(content=RecordDict(content), reply_to=msg)
+
+
+@app.query()
+def _query(msg: Message, context: Context) -> Message:
+    return handle_query(msg, context)

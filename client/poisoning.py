@@ -6,9 +6,11 @@ Data poisoning, the :data:`DATA_ATTACKS` registry
     :func:`distributed_triggers` (DBA [Xie et al., ICLR 2020]), :func:`inflate_examples`
     (a lie about the example count, to weigh more in FedAvg).
 Update poisoning that needs only the client's own update
-    :func:`boost_update` (model replacement [Bagdasaryan et al., AISTATS 2020]) and the
-    :data:`UPDATE_POISONINGS` registry (``sign_flip``, ``gaussian``), built with
-    :func:`get_update_poisoning`.
+    :func:`boost_update` and :func:`model_replacement` (model replacement, constrain and
+    scale [Bagdasaryan et al., AISTATS 2020]: the ``backdoor`` attack's ``boost``),
+    :func:`neurotoxin` (the backdoor projected off the coordinates benign clients use most
+    [Zhang et al., ICML 2022]) and the :data:`UPDATE_POISONINGS` registry (``sign_flip``,
+    ``gaussian``), built with :func:`get_update_poisoning`.
 
 Each attack is registered next to the function it configures. Their names are distinct
 from the omniscient attacks' in ``simulations.attacks``, so one name means one attack.
@@ -46,6 +48,9 @@ __all__ = [
     "inflate_examples",
     "label_flip",
     "label_flip_map",
+    "model_replacement",
+    "neurotoxin",
+    "neurotoxin_mask",
     "register_update_poisoning",
     "sign_flip_update",
     "split_trigger",
@@ -591,6 +596,151 @@ def boost_update(update: Tensor, factor: float) -> Tensor:
     _check_update("boost_update", update, flat=False)
     factor = _check_positive("boost_update", "factor", factor)
     return update * factor
+
+
+def model_replacement(update: Tensor, *, scale: float,
+                      max_norm: float | None = None) -> Tensor:
+    r"""Constrain-and-scale model replacement [Bagdasaryan et al., AISTATS 2020, Sec. 4].
+
+    FedAvg moves the global model by ``(eta / n) sum_i u_i``; an attacker that sends
+    ``gamma u`` with ``gamma = scale = n / eta`` replaces the global model by its own
+    backdoored one (the paper's ``L = gamma (X - G) + G``, written on updates). Against a
+    server that bounds update norms at ``S = max_norm`` the attacker scales only up to that
+    bound (the paper's "scale up to the bound S"):
+
+    .. math:: \tilde{u} = \min\!\left(\gamma, \frac{S}{\|u\|}\right) u
+
+    The constraint the paper adds to the attacker's training loss is a change to local
+    training, not to the update, and is not part of this function. In a run config, model
+    replacement without a norm bound is the ``backdoor`` (or ``dba``) data attack with
+    ``boost = n / eta``: :func:`boost_update` is this function with ``max_norm=None``.
+
+    Parameters
+    ----------
+    update
+        The attacker's backdoored update, any shape, floating point, finite.
+    scale
+        ``gamma > 0``; ``n / eta`` for ``n`` averaged clients and server learning rate
+        ``eta`` (``n`` for plain FedAvg).
+    max_norm
+        The server's norm bound ``S > 0``, or ``None`` for no bound.
+
+    Returns
+    -------
+    Tensor
+        Same shape, dtype and device as ``update``.
+
+    Raises
+    ------
+    ValueError
+        On a bad update or parameter.
+
+    Examples
+    --------
+    >>> u = torch.tensor([3.0, 4.0])   # norm 5
+    >>> model_replacement(u, scale=10.0)
+    tensor([30., 40.])
+    >>> model_replacement(u, scale=10.0, max_norm=20.0)   # gamma 10 -> 4
+    tensor([12., 16.])
+    """
+    _check_update("model_replacement", update, flat=False)
+    gamma = _check_positive("model_replacement", "scale", scale)
+    if max_norm is not None:
+        bound = _check_positive("model_replacement", "max_norm", max_norm)
+        norm = float(torch.linalg.vector_norm(update.to(torch.float64)))
+        if norm * gamma > bound:
+            gamma = bound / norm
+    return update * gamma
+
+
+def neurotoxin_mask(benign: Tensor, *, top_k: float) -> Tensor:
+    """The coordinates Neurotoxin may write [Zhang et al., ICML 2022]: all but the top-k.
+
+    The ``ceil(top_k d)`` coordinates of largest ``|benign_j|`` are the ones the benign
+    clients update most; a backdoor written there is overwritten within a few rounds. The
+    mask keeps the others. Ties in ``|benign_j|`` go to the lower index.
+
+    Parameters
+    ----------
+    benign
+        ``(d,)`` the benign direction (on a client: the last change of the global model).
+    top_k
+        Fraction of the coordinates excluded, in ``[0, 1)``.
+
+    Returns
+    -------
+    Tensor
+        ``(d,)`` bool, ``True`` where the attacker may write, on the device of ``benign``.
+
+    Examples
+    --------
+    >>> neurotoxin_mask(torch.tensor([0.1, -5.0, 0.2, 3.0]), top_k=0.5)
+    tensor([ True, False,  True, False])
+    """
+    _check_update("neurotoxin", benign, flat=True)
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, float)) or not (
+        0.0 <= float(top_k) < 1.0
+    ):
+        raise ValueError(f"neurotoxin: top_k must be a fraction in [0, 1), got {top_k!r}")
+    d = benign.shape[0]
+    k = math.ceil(float(top_k) * d)
+    order = torch.sort(benign.abs(), descending=True, stable=True).indices
+    mask = torch.ones(d, dtype=torch.bool, device=benign.device)
+    mask[order[:k]] = False
+    return mask
+
+
+def neurotoxin(update: Tensor, benign: Tensor | None, *, top_k: float = 0.05) -> Tensor:
+    r"""Neurotoxin [Zhang et al., ICML 2022]: the backdoor update projected off the
+    coordinates the benign clients use most.
+
+    .. math:: \tilde{u} = u \odot m, \qquad
+              m_j = \mathbb{1}[\, j \notin \text{top-}k\% \text{ of } |b| \,]
+
+    with ``b`` the benign direction (:func:`neurotoxin_mask`). A client sees no other
+    client's update; the paper's attacker uses the last change of the global model,
+    ``b = w_t - w_{t-1}``, which it can keep from round to round. The paper projects every
+    local gradient step; projecting the finished update is the one-shot form of the same
+    projection (it needs no change to local training). ``benign=None`` (no earlier global
+    model yet) leaves the update as it is. The paper's code excludes the top 5 %
+    (``gradmask_ratio = 0.95``), the default here.
+
+    Parameters
+    ----------
+    update
+        ``(d,)`` the attacker's backdoored update.
+    benign
+        ``(d,)`` the benign direction, or ``None``.
+    top_k
+        Fraction of the coordinates excluded, in ``[0, 1)``.
+
+    Returns
+    -------
+    Tensor
+        ``(d,)``, dtype and device of ``update`` (a new tensor).
+
+    Raises
+    ------
+    ValueError
+        If ``update`` or ``benign`` is not a finite floating ``(d,)`` vector, their
+        shapes differ, or ``top_k`` is out of range.
+
+    Examples
+    --------
+    >>> neurotoxin(torch.ones(4), torch.tensor([0.1, -5.0, 0.2, 3.0]), top_k=0.5)
+    tensor([1., 0., 1., 0.])
+    """
+    _check_update("neurotoxin", update, flat=True)
+    if benign is None:
+        return update.clone()
+    if not isinstance(benign, Tensor) or benign.shape != update.shape:
+        got = tuple(benign.shape) if isinstance(benign, Tensor) else type(benign).__name__
+        raise ValueError(
+            f"neurotoxin: the benign direction must have the update's shape "
+            f"{tuple(update.shape)}, got {got}: pass the change of the same model's weights"
+        )
+    mask = neurotoxin_mask(benign, top_k=top_k).to(update.device)
+    return update * mask
 
 
 def inflate_examples(true_count: int, factor: float) -> int:

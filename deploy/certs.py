@@ -23,6 +23,9 @@ Usage::
     python -m deploy.certs --out certs --hosts 127.0.0.1,localhost --nodes 3
     python -m deploy.certs --out mykey --keys-only --nodes 1   # on an edge device
 
+Existing files are never overwritten without ``--force``, and a symbolic link where a file
+goes is refused even with it (:mod:`deploy.files`): a planted link cannot redirect a key.
+
 Keys come from the operating system's CSPRNG (through ``cryptography``), never from a
 seeded generator: key material must not be reproducible.
 """
@@ -42,6 +45,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .files import check_writable, write_file
 
 __all__ = [
     "DEFAULT_HOSTS",
@@ -312,22 +317,6 @@ def make_node_keypair(comment: str = "") -> tuple[bytes, bytes]:
     return private, public + b"\n"
 
 
-def _write(path: Path, data: bytes, *, private: bool, overwrite: bool) -> Path:
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"{path} exists: refusing to overwrite key material; pass overwrite=True "
-            "(--force) or choose another --out directory"
-        )
-    # Private keys are created 0600 so they are never readable by others, not even briefly.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(path, flags, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    if private:
-        os.chmod(path, 0o600)
-    return path
-
-
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -363,7 +352,8 @@ def write_bundle(
     node_prefix
         File name prefix of the node keys.
     overwrite
-        Replace existing files instead of raising.
+        Replace existing regular files instead of raising (``--force``). A symbolic link
+        at a file's path is refused either way: key material is never written through one.
 
     Returns
     -------
@@ -375,7 +365,8 @@ def write_bundle(
     ValueError
         If ``nodes < 0``, ``keys_only`` with ``nodes == 0``, a malformed host or prefix.
     FileExistsError
-        If a file exists and ``overwrite`` is false (no file is written in that case).
+        If a file exists and ``overwrite`` is false, or a path is a symbolic link or a
+        folder (no file is written in these cases).
 
     Examples
     --------
@@ -399,32 +390,40 @@ def write_bundle(
     names = [] if keys_only else ["ca.crt", "ca.key", "server.pem", "server.key"]
     for i in range(nodes):
         names += [f"{node_prefix}-{i}", f"{node_prefix}-{i}.pub"]
+    links = [n for n in names if (out / n).is_symlink()]
+    if links:
+        raise FileExistsError(
+            f"{out} holds symbolic links at {', '.join(links)}: refusing to write key material "
+            "through them (even with --force); remove the links or choose another --out "
+            "directory"
+        )
     clash = [n for n in names if (out / n).exists()]
     if clash and not overwrite:
         raise FileExistsError(
             f"{out} already holds {', '.join(clash)}: refusing to overwrite key material; "
             "pass overwrite=True (--force) or choose another --out directory"
         )
+    for n in names:
+        check_writable(out / n, force=overwrite)  # e.g. a folder where a key goes
+
+    def write(name: str, data: bytes, *, private: bool) -> Path:
+        return write_file(out / name, data, private=private, force=overwrite)
 
     ca_cert_p = ca_key_p = srv_cert_p = srv_key_p = None
     if not keys_only:
         ca_key, ca_cert = make_ca(days=days)
         srv_key, srv_cert = make_server_cert(ca_key, ca_cert, hosts, days=days)
         pem = serialization.Encoding.PEM
-        ca_cert_p = _write(out / "ca.crt", ca_cert.public_bytes(pem), private=False,
-                           overwrite=True)
-        ca_key_p = _write(out / "ca.key", _pem_key(ca_key), private=True, overwrite=True)
-        srv_cert_p = _write(out / "server.pem", srv_cert.public_bytes(pem), private=False,
-                            overwrite=True)
-        srv_key_p = _write(out / "server.key", _pem_key(srv_key), private=True,
-                           overwrite=True)
+        ca_cert_p = write("ca.crt", ca_cert.public_bytes(pem), private=False)
+        ca_key_p = write("ca.key", _pem_key(ca_key), private=True)
+        srv_cert_p = write("server.pem", srv_cert.public_bytes(pem), private=False)
+        srv_key_p = write("server.key", _pem_key(srv_key), private=True)
     privs: list[Path] = []
     pubs: list[Path] = []
     for i in range(nodes):
         private, public = make_node_keypair(f"{node_prefix}-{i}")
-        privs.append(_write(out / f"{node_prefix}-{i}", private, private=True, overwrite=True))
-        pubs.append(_write(out / f"{node_prefix}-{i}.pub", public, private=False,
-                           overwrite=True))
+        privs.append(write(f"{node_prefix}-{i}", private, private=True))
+        pubs.append(write(f"{node_prefix}-{i}.pub", public, private=False))
     return CertBundle(out, ca_cert_p, ca_key_p, srv_cert_p, srv_key_p, tuple(privs),
                       tuple(pubs))
 
@@ -446,7 +445,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--node-prefix", default="node", help="file name prefix of node keys")
     p.add_argument("--keys-only", action="store_true",
                    help="write only node key pairs (no CA, no server certificate)")
-    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite existing files (symbolic links are refused even then)")
     return p
 
 

@@ -11,7 +11,8 @@ Flower 1.41 keeps connections in ``$FLWR_HOME/config.toml`` (default ``~/.flwr``
 
 after which ``flwr run . fedshield``, ``flwr supernode register key.pub fedshield`` and
 ``flwr list fedshield`` talk HTTPS to that SuperLink and trust only that CA. Other
-connections in the file are kept.
+connections in the file are kept; a connection of the same name with other settings is
+replaced only with ``--force``, and a ``config.toml`` that is a symbolic link is refused.
 
 Usage::
 
@@ -31,6 +32,8 @@ from typing import Any
 
 import tomli_w
 
+from .files import check_writable, write_file
+
 __all__ = ["flwr_home", "main", "write_connection"]
 
 
@@ -47,8 +50,9 @@ def write_connection(
     root_certificates: Path | None,
     insecure: bool = False,
     make_default: bool = True,
+    force: bool = False,
 ) -> Path:
-    """Add (or replace) connection ``name`` in ``home/config.toml``, keeping the others.
+    """Add connection ``name`` to ``home/config.toml``, keeping the others.
 
     Parameters
     ----------
@@ -65,6 +69,8 @@ def write_connection(
         Plain HTTP (no TLS).
     make_default
         Make it the default connection.
+    force
+        Replace a connection ``name`` that exists with other settings.
 
     Returns
     -------
@@ -78,6 +84,9 @@ def write_connection(
         not ``[A-Za-z0-9_-]+``, or the address has a scheme.
     FileNotFoundError
         If ``root_certificates`` does not exist.
+    FileExistsError
+        If connection ``name`` exists with other settings and ``force`` is false, or
+        ``config.toml`` is a symbolic link or not a regular file.
 
     Examples
     --------
@@ -112,14 +121,23 @@ def write_connection(
         conn["insecure"] = True
     home.mkdir(parents=True, exist_ok=True)
     path = home / "config.toml"
+    check_writable(path, force=True)  # a link or a folder is refused
     config: dict[str, Any] = tomllib.loads(path.read_text()) if path.exists() else {}
     superlink = config.setdefault("superlink", {})
+    if superlink.get(name, conn) != conn and not force:
+        raise FileExistsError(
+            f"{path} already has a connection {name!r} with other settings "
+            f"({superlink[name]}): refusing to replace it; pass --force (force=True) or "
+            "choose another --name"
+        )
     superlink[name] = conn
     if make_default or "default" not in superlink:
         superlink["default"] = name
     # `default` first, as Flower writes it
     config["superlink"] = {"default": superlink.pop("default"), **superlink}
-    path.write_text(tomli_w.dumps(config))
+    # the whole file is rewritten, every other connection kept
+    private = path.exists() and not path.stat().st_mode & 0o077  # owner-only stays so
+    write_file(path, tomli_w.dumps(config).encode(), private=private, force=True)
     return path
 
 
@@ -133,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--insecure", action="store_true", help="plain HTTP (NOT for real data)")
     p.add_argument("--flwr-home", help="default: $FLWR_HOME or ~/.flwr")
     p.add_argument("--no-default", action="store_true", help="do not make it the default")
+    p.add_argument("--force", action="store_true",
+                   help="replace a connection of the same name that has other settings")
     args = p.parse_args(argv)
     if args.insecure:
         print("WARNING: insecure connection: traffic to the SuperLink is not encrypted",
@@ -145,8 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             root_certificates=Path(args.ca) if args.ca else None,
             insecure=args.insecure,
             make_default=not args.no_default,
+            force=args.force,
         )
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote connection {args.name!r} to {path}")

@@ -26,7 +26,9 @@ Drills (three SuperNodes, TLS, node authentication):
     same database and port, the SuperNodes reconnect by themselves, and a new run with
     ``resume=true`` continues from round 2.
 
-Results go to ``<workdir>/faults.json`` and standard output.
+Results go to ``<workdir>/faults.json`` and standard output. A workdir that holds earlier
+drills' results (``faults.json``, ``out-<drill>``) or keys is refused unless ``--force``,
+which replaces them.
 """
 
 from __future__ import annotations
@@ -34,13 +36,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .federation import Federation
+from .files import write_file
 from .processes import ManagedProcess, descendants
 
 __all__ = ["DRILLS", "main"]
@@ -225,15 +230,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workdir", required=True)
     p.add_argument("--drill", action="append", choices=sorted(DRILLS),
                    help="drill to run (repeatable; default: all)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the results and keys of earlier drills in WORKDIR")
     args = p.parse_args(argv)
     work = Path(args.workdir).resolve()
+    drills = args.drill or list(DRILLS)
+    earlier = [work / "faults.json", work / "federation" / "certs",
+               *(work / f"out-{name}" for name in drills)]
+    used = [str(path.relative_to(work)) for path in earlier if path.exists()]
+    if used and not args.force:
+        print(f"error: {work} holds earlier drills' results or keys ({', '.join(used)}): "
+              "pass --force to replace them, or choose another --workdir", file=sys.stderr)
+        return 2
+    for name in drills:  # --force: a drill's run must not resume into its old results
+        shutil.rmtree(work / f"out-{name}", ignore_errors=True)
     report: dict[str, Any] = {}
     ok = True
-    with Federation(work / "federation", num_nodes=NUM_NODES) as fed:
+    with Federation(work / "federation", num_nodes=NUM_NODES, force=args.force) as fed:
         t = time.time()
         fed.start(timeout=180.0)
         report["federation_start_s"] = time.time() - t
-        for name in args.drill or list(DRILLS):
+        for name in drills:
             t = time.time()
             try:
                 report[name] = DRILLS[name](fed, work / f"out-{name}")
@@ -242,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             report[name]["wall_s"] = time.time() - t
             ok = ok and report[name].get("status") == "finished:completed"
             print(json.dumps({name: report[name]}, indent=1), flush=True)
-    (work / "faults.json").write_text(json.dumps(report, indent=1))
+    write_file(work / "faults.json", json.dumps(report, indent=1).encode(), private=False,
+               force=args.force)
     return 0 if ok else 1
 
 

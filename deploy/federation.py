@@ -49,6 +49,7 @@ from runconfig.overrides import parse_overrides
 
 from .certs import CertBundle, write_bundle
 from .connection import write_connection
+from .files import write_file
 from .processes import (
     TAG_VAR,
     ManagedProcess,
@@ -163,6 +164,14 @@ class Federation:
         (``prctl(PR_SET_PDEATHSIG)``), so a killed launcher or test runner leaves nothing
         running. Start components from one long-lived thread. Turn it off to let the
         federation outlive this process.
+    force
+        Replace the certificates and keys an earlier federation generated in
+        ``workdir/certs`` (``--force``); without it they are never overwritten.
+
+    Raises
+    ------
+    FileExistsError
+        If ``workdir/certs`` holds an earlier federation's keys and ``force`` is false.
 
     Examples
     --------
@@ -187,6 +196,7 @@ class Federation:
         connection: str = "fedshield",
         extra_env: Mapping[str, str] | None = None,
         die_with_parent: bool = True,
+        force: bool = False,
     ) -> None:
         if num_nodes < 0:
             raise ValueError(f"num_nodes must be >= 0, got {num_nodes}")
@@ -214,7 +224,14 @@ class Federation:
         self.log_dir = self.workdir / "logs"
         self.log_dir.mkdir(exist_ok=True)
         if tls and certs is None:
-            certs = write_bundle(self.workdir / "certs", nodes=num_nodes, overwrite=True)
+            try:
+                certs = write_bundle(self.workdir / "certs", nodes=num_nodes, overwrite=force)
+            except FileExistsError as exc:
+                raise FileExistsError(
+                    f"{exc}. They are an earlier federation's keys: pass --force "
+                    f"(force=True) to replace them, --certs {self.workdir / 'certs'} to use "
+                    "them again, or choose another --workdir"
+                ) from None
         if certs is not None and auth and len(certs.node_private_keys) < num_nodes:
             raise ValueError(
                 f"certs hold {len(certs.node_private_keys)} node keys, need {num_nodes}"
@@ -317,6 +334,7 @@ class Federation:
             self.address,
             root_certificates=self.certs.ca_cert if self.tls and self.certs else None,
             insecure=not self.tls,
+            force=True,  # the federation's own FLWR_HOME: a restart may change the port
         )
         wait_listening(self.superlink, self.host, self.port, timeout=timeout,
                        log_text="startup complete")
@@ -587,7 +605,7 @@ class Federation:
         argv = [str(self.bin_dir / "flwr"), "run", str(app), self.connection]
         if run_config:
             cfg = self.workdir / f"run-config-{uuid.uuid4().hex[:8]}.toml"
-            cfg.write_text(tomli_w.dumps(dict(run_config)))
+            write_file(cfg, tomli_w.dumps(dict(run_config)).encode(), private=False)
             argv += ["--run-config", str(cfg)]
         argv.append("--stream")
         proc = self._spawn(f"flwr-run-{uuid.uuid4().hex[:8]}", argv, self.flwr_home, cwd=app)
@@ -709,6 +727,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="run-config overrides for --run, e.g. \"num-server-rounds=3 "
                    "aggregator='krum'\" (whitespace-separated key=value)")
     p.add_argument("--timeout", type=float, default=1800.0, help="--run time limit (s)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the keys an earlier federation generated in WORKDIR/certs")
     return p
 
 
@@ -750,8 +770,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     tls = not args.insecure
     need_keys = args.nodes if tls and not args.no_auth else 0
     certs = _load_certs(Path(args.certs), need_keys) if args.certs and tls else None
-    fed = Federation(args.workdir, num_nodes=args.nodes, tls=tls,
-                     auth=tls and not args.no_auth, certs=certs, node_config=extra)
+    try:
+        fed = Federation(args.workdir, num_nodes=args.nodes, tls=tls,
+                         auth=tls and not args.no_auth, certs=certs, node_config=extra,
+                         force=args.force)
+    except FileExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         fed.start()

@@ -58,6 +58,7 @@ APP_KEYS: dict[str, Scalar] = {
     "dp-sgd": "",
     "local-dp": "",
     "adversarial-training": "",
+    "secagg": "",
     # extra per-round evaluation of the global model
     "eval-evasion": "",
     "eval-membership": False,
@@ -80,6 +81,10 @@ DP_SGD_KEYS = (
 )
 LOCAL_DP_KEYS = ("clipping_norm", "noise_std", "epsilon", "delta", "method")
 ADVERSARIAL_KEYS = ("eps", "alpha", "steps")
+SECAGG_KEYS = (
+    "threshold", "neighbours", "clip", "bits", "key_agreement", "max_weight", "groups",
+    "group_rounds",
+)
 
 _KINDS: dict[type, tuple[type, ...]] = {
     bool: (bool,),
@@ -165,6 +170,7 @@ class RunConfig:
     dp_sgd: Mapping[str, Any]
     local_dp: Mapping[str, Any]
     adversarial_training: Mapping[str, Any]
+    secagg: Mapping[str, Any]
     eval_evasion: tuple[Spec, ...]
     eval_membership: bool
     num_malicious: int
@@ -229,6 +235,7 @@ class RunConfig:
             dp_sgd=_options(cfg, "dp-sgd", DP_SGD_KEYS),
             local_dp=_options(cfg, "local-dp", LOCAL_DP_KEYS),
             adversarial_training=_options(cfg, "adversarial-training", ADVERSARIAL_KEYS),
+            secagg=_options(cfg, "secagg", SECAGG_KEYS),
             eval_evasion=tuple(parse_specs(get("eval-evasion"), what="eval-evasion attack")),
             eval_membership=get("eval-membership"),
             num_malicious=get("num-malicious"),
@@ -256,6 +263,11 @@ class RunConfig:
             raise ValueError(f"clients-per-round must be >= 0, got {self.clients_per_round}")
         if self.min_clients < 0:
             raise ValueError(f"min-clients must be >= 0, got {self.min_clients}")
+        if self.resume and not self.out_dir:
+            raise ValueError(
+                "resume=true needs out-dir: the folder whose checkpoint the run continues "
+                "(an empty out-dir gives every run a new folder)"
+            )
         if self.num_malicious < 0:
             raise ValueError(f"num-malicious must be >= 0, got {self.num_malicious}")
         if self.attack_knowledge not in ATTACK_KNOWLEDGE:
@@ -281,6 +293,31 @@ class RunConfig:
                 raise ValueError("local-dp needs exactly one of noise_std or epsilon (with delta)")
         if self.dp_sgd and ("noise_multiplier" in self.dp_sgd) == ("target_epsilon" in self.dp_sgd):
             raise ValueError("dp-sgd needs exactly one of noise_multiplier or target_epsilon")
+        if self.secagg:
+            self._check_secagg()
+
+    def _check_secagg(self) -> None:
+        groups = self.secagg.get("groups", 0)
+        if self.central_dp:
+            raise ValueError(
+                "secagg with central-dp (distributed DP: each client adds its share of the noise "
+                "before masking) is not implemented yet; drop one of secagg or central-dp")
+        if self.min_clients < 2:
+            raise ValueError(
+                f"secagg needs min-clients >= 2 (the sum of one update is that update), got "
+                f"min-clients={self.min_clients}")
+        if not groups and (self.rule.name != "mean" or self.rule.params or self.pre_aggregation):
+            raise ValueError(
+                "secagg reveals only the sum of the updates, so "
+                f"aggregator={self.rule.name!r} (params {dict(self.rule.params)}, "
+                f"pre-aggregation {[s.name for s in self.pre_aggregation]}) cannot see the "
+                "individual updates it needs. Use aggregator='mean' with no parameters or "
+                "pre-aggregation, or grouped secure aggregation (secagg 'groups=G'), where the "
+                "rule runs on G securely computed group means")
+        if groups and self.clients_per_round and self.clients_per_round < 2 * groups:
+            raise ValueError(
+                f"secagg groups={groups} with clients-per-round={self.clients_per_round}: every "
+                "group needs at least 2 clients; lower groups or sample more clients")
 
     def _check_central_dp(self) -> None:
         if self.pre_aggregation:

@@ -7,8 +7,12 @@ run config once and runs the federation over the grid; ``flwr run .`` (through
 
 from __future__ import annotations
 
+import datetime
 import logging
+import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
@@ -20,9 +24,11 @@ from .run import run_federation
 from .stages import Component
 from .transport import GridTransport
 
-__all__ = ["app", "run_server"]
+__all__ = ["app", "default_out_dir", "run_server"]
 
 app = ServerApp()
+
+log = logging.getLogger("fedshield.server")
 
 
 def run_server(
@@ -49,8 +55,30 @@ def run_server(
     return run_federation(GridTransport(grid), cfg, components=components, on_round=on_round)
 
 
+def default_out_dir(run_id: int) -> Path:
+    """Where a ServerApp run with an empty ``out-dir`` keeps its results:
+    ``$FEDSHIELD_HOME/runs/<UTC time>-run<run id>`` (``FEDSHIELD_HOME`` defaults to
+    ``~/.fedshield``), so a run started with ``flwr run .`` never loses them."""
+    home = Path(os.environ.get("FEDSHIELD_HOME") or Path.home() / ".fedshield").expanduser()
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+    return home / "runs" / f"{stamp}-run{run_id}"
+
+
 @app.main()
 def _main(grid: Grid, context: Context) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Flower streams this process's stdout to `flwr run --stream`; its own logging setup
+    # leaves the root logger's level at WARNING, so fedshield's round lines get a handler
+    out = logging.getLogger("fedshield")
+    if not any(getattr(h, "_fedshield", False) for h in out.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._fedshield = True  # type: ignore[attr-defined]
+        out.addHandler(handler)
+    out.setLevel(logging.INFO)
+    out.propagate = False
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    run_server(grid, context.run_config)
+    run_config = dict(context.run_config)
+    if not run_config.get("out-dir"):
+        run_config["out-dir"] = str(default_out_dir(context.run_id))
+    log.info("results of this run go to %s", run_config["out-dir"])
+    run_server(grid, run_config)

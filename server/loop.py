@@ -12,14 +12,15 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from aggregation import Aggregator, PreconditionError
+from aggregation import AggregationResult, Aggregator, PreconditionError
 from aggregation.registry import derive_seed, make_generator
 
+from .metrics_log import safe_text
 from .rounds import (
     ModelSpec,
     Payload,
@@ -35,9 +36,29 @@ from .rounds import (
 from .sampling import draw_sample, wait_for_nodes
 from .stages import Component, Plan, Round, Transport, Verdict
 
-__all__ = ["Federation", "RunState", "run_rounds"]
+__all__ = ["Federation", "RunState", "StageFailure", "run_rounds"]
 
 log = logging.getLogger("fedshield.server")
+
+T = TypeVar("T")
+
+
+class StageFailure(RuntimeError):
+    """A rule, a pre-aggregation step or a component failed; the round is skipped."""
+
+
+def _guarded(stage: str, who: str, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``; any failure but a rule's precondition becomes a :class:`StageFailure`
+    naming the stage and who failed (the traceback goes to the debug log)."""
+    try:
+        return fn(*args)
+    except PreconditionError:
+        raise
+    except Exception as exc:
+        log.debug("%s failed at %s", who, stage, exc_info=True)
+        # the message may carry client-controlled text: escaped and capped
+        raise StageFailure(
+            f"{who} failed at {stage}: {type(exc).__name__}: {safe_text(str(exc))}") from exc
 
 
 @dataclass
@@ -105,8 +126,12 @@ def run_rounds(fed: Federation, transport: Transport, run: RunState) -> list[dic
             log.warning("round %d: %s", number, verdict.reason)
             rnd.skipped_reason = verdict.reason
         else:
-            replies = _exchange(fed, transport, rnd, run)
-            _aggregate(fed, rnd, run, replies)
+            try:
+                replies = _exchange(fed, transport, rnd, run)
+            except StageFailure as exc:
+                replies, rnd.skipped_reason = [], f"{exc}; the global model is unchanged"
+            if rnd.skipped_reason is None:
+                _aggregate(fed, rnd, run, replies)
         if rnd.new_global is not None:
             run.global_flat = rnd.new_global
         rnd.metrics = _evaluate(fed, run, number, run.global_flat)
@@ -138,7 +163,11 @@ def _sample(fed: Federation, transport: Transport, rnd: Round, run: RunState) ->
     """exclude -> wait for nodes -> draw the sample -> admit."""
     excluded: set[int] = set()
     for c in fed.components:
-        out, run.components[c.name] = c.exclude(rnd.number, run.components[c.name])
+        try:
+            out, run.components[c.name] = _guarded(
+                "exclude", c.name, c.exclude, rnd.number, run.components[c.name])
+        except StageFailure as exc:
+            return Verdict("skip", str(exc))
         excluded |= out
     plan = fed.plan
     wanted = max(plan.min_clients, plan.clients_per_round, 1)
@@ -159,7 +188,11 @@ def _sample(fed: Federation, transport: Transport, rnd: Round, run: RunState) ->
         rnd.sampled = tuple(draw_sample(nodes, plan, gen))
     verdict: Verdict | None = None
     for c in fed.components:
-        v, run.components[c.name] = c.admit(rnd, run.components[c.name])
+        try:
+            v, run.components[c.name] = _guarded(
+                "admit", c.name, c.admit, rnd, run.components[c.name])
+        except StageFailure as exc:
+            v = Verdict("skip", str(exc))
         if verdict is None or (v is not None and v.action == "stop"):
             verdict = v if v is not None else verdict
     return verdict
@@ -175,9 +208,9 @@ def _exchange(fed: Federation, transport: Transport, rnd: Round, run: RunState) 
     )
     owner = fed.owner("owns_exchange")
     if owner is not None:
-        raw, run.components[owner.name] = owner.exchange(
-            rnd, transport, payload, fed.plan.round_timeout, run.components[owner.name]
-        )
+        raw, run.components[owner.name] = _guarded(
+            "exchange", owner.name, owner.exchange,
+            rnd, transport, payload, fed.plan.round_timeout, run.components[owner.name])
     else:
         raw = transport.send("train", {n: payload for n in rnd.sampled},
                              timeout=fed.plan.round_timeout)
@@ -203,36 +236,62 @@ def _aggregate(fed: Federation, rnd: Round, run: RunState, replies: Sequence[Any
             return
         g = rnd.global_flat.to(device=fed.device, dtype=torch.float64)
         updates, weights = stack_updates(accepted, g, fed.spec)
-        states = run.components
-        for c in fed.components:
-            ref, states[c.name] = c.server_update(rnd, fed.load(rnd.global_flat), states[c.name])
-            rnd.server_update = ref if ref is not None else rnd.server_update
-        for c in fed.components:
-            updates, weights, states[c.name] = c.transform(rnd, updates, weights, states[c.name])
-        # on the aggregation device: noise and permutations are drawn where the updates are
-        gen = make_generator(derive_seed(fed.seed, "aggregate", rnd.number), device=fed.device)
-        owner = fed.owner("owns_aggregation")
+        # components' states change only when the whole round goes through
+        states = dict(run.components)
         try:
-            if owner is not None:
-                result, states[owner.name] = owner.aggregate(
-                    rnd, updates, weights, gen, states[owner.name])
-            else:
-                result = fed.rule(updates, weights, state=run.rule_state, generator=gen)
-                run.rule_state = result.state
-        except PreconditionError as exc:  # too few clients this round for the rule
+            result, update, rule_state = _apply(fed, rnd, run, states, g, updates, weights)
+        except (PreconditionError, StageFailure) as exc:  # too few clients, or a failure
             rnd.skipped_reason = f"{exc}; the global model is unchanged"
             return
+        new_global = (g + update).cpu()
+        if not bool(torch.isfinite(new_global).all()):
+            rnd.skipped_reason = ("the new global model has NaN or Inf entries (the aggregate "
+                                  "overflowed); the global model is unchanged")
+            return
+        run.components.update(states)
+        run.rule_state = rule_state
         rnd.rejections += rule_rejections(accepted, result, fed.rule.name)
-        update = result.update
-        for c in fed.components:
-            update, states[c.name] = c.post_aggregate(rnd, update, states[c.name])
         rnd.result = result
         rnd.info = round_info(result, accepted)
         rnd.update_norm = float(update.norm())
-        rnd.new_global = (g + update).cpu()
+        rnd.new_global = new_global
     finally:
         rnd.rejections += missing
         rnd.seconds = time.perf_counter() - t0
+
+
+def _apply(
+    fed: Federation, rnd: Round, run: RunState, states: dict[str, Any], g: Tensor,
+    updates: Tensor, weights: Tensor,
+) -> tuple[AggregationResult, Tensor, Any]:
+    """server update -> transform -> aggregate -> post-process; ``states`` updated in place.
+
+    Returns the rule's result, the ``(d,)`` update to apply and the rule's new state.
+    """
+    for c in fed.components:
+        ref, states[c.name] = _guarded("server_update", c.name, c.server_update,
+                                       rnd, fed.load(rnd.global_flat), states[c.name])
+        rnd.server_update = ref if ref is not None else rnd.server_update
+    for c in fed.components:
+        updates, weights, states[c.name] = _guarded(
+            "transform", c.name, c.transform, rnd, updates, weights, states[c.name])
+    # on the aggregation device: noise and permutations are drawn where the updates are
+    gen = make_generator(derive_seed(fed.seed, "aggregate", rnd.number), device=fed.device)
+    owner = fed.owner("owns_aggregation")
+    rule_state = run.rule_state
+    if owner is not None:
+        result, states[owner.name] = _guarded(
+            "aggregate", owner.name, owner.aggregate, rnd, updates, weights, gen,
+            states[owner.name])
+    else:
+        result = _guarded("aggregate", f"rule {fed.rule.name}", lambda: fed.rule(
+            updates, weights, state=run.rule_state, generator=gen))
+        rule_state = result.state
+    update = result.update
+    for c in fed.components:
+        update, states[c.name] = _guarded(
+            "post_aggregate", c.name, c.post_aggregate, rnd, update, states[c.name])
+    return result, update, rule_state
 
 
 def _evaluate(fed: Federation, run: RunState, number: int, flat: Tensor) -> dict[str, float]:
@@ -240,14 +299,23 @@ def _evaluate(fed: Federation, run: RunState, number: int, flat: Tensor) -> dict
     model = fed.load(flat)
     out = fed.evaluate(model)
     for c in fed.components:
-        out.update(c.evaluate(number, model, run.components[c.name]))
+        try:
+            out.update(_guarded("evaluate", c.name, c.evaluate, number, model,
+                                run.components[c.name]))
+        except StageFailure as exc:  # the round stands; only this component's metrics miss
+            log.warning("round %d: %s", number, exc)
     return out
 
 
 def _revise(fed: Federation, rnd: Round, run: RunState) -> None:
     """A component may replace the new global model after evaluation (rollback)."""
     for c in fed.components:
-        flat, run.components[c.name] = c.revise(rnd, run.components[c.name])
+        try:
+            flat, run.components[c.name] = _guarded(
+                "revise", c.name, c.revise, rnd, run.components[c.name])
+        except StageFailure as exc:  # the new model stands
+            log.warning("round %d: %s", rnd.number, exc)
+            continue
         if flat is not None:
             log.warning("round %d: %s replaced the new global model", rnd.number, c.name)
             run.global_flat = flat.to(device="cpu", dtype=torch.float64)
@@ -269,8 +337,14 @@ def _record(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Components add their fields to the row and the report."""
     for c in fed.components:
-        row_fields, report_fields, run.components[c.name] = c.record(
-            rnd, row, report, run.components[c.name])
+        try:
+            row_fields, report_fields, run.components[c.name] = _guarded(
+                "record", c.name, c.record, rnd, row, report, run.components[c.name])
+        except StageFailure as exc:  # the round stands; only this component's fields miss
+            if c.critical:  # e.g. a privacy accountant that could not book a released round
+                raise
+            log.warning("round %d: %s", rnd.number, exc)
+            continue
         row.update(row_fields)
         report.update(report_fields)
     if report.get("skipped_reason"):

@@ -3,7 +3,14 @@
 ``metrics.jsonl`` has one row per round (round 0 is the initial model); ``audit.jsonl``
 one report per round: who took part, who was kept, who was rejected at which stage and
 why. Both are appended as each round finishes, before its checkpoint, so a crash loses
-nothing: a resume drops the rows after the checkpoint's round and runs them again.
+nothing. When a run (or a resume) publishes its first round ``r``, the rows of rounds
+``>= r`` already in the files are dropped, since those rounds are running again; rows of
+rounds the run does not rerun are never touched.
+
+Strings that clients control (error reasons, partition ids in messages, metric values)
+reach the files, the log and the callback only through :func:`safe_text`: characters that
+are not printable (newlines, terminal escapes, bidirectional overrides) are escaped, and
+each string is cut to :data:`MAX_TEXT` characters.
 """
 
 from __future__ import annotations
@@ -11,17 +18,49 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from .stages import Component
+from .stages import Component, Plan
 
-__all__ = ["MetricsLog"]
+__all__ = ["FILES", "MAX_TEXT", "MetricsLog", "safe_text"]
 
 log = logging.getLogger("fedshield.server")
+
+FILES = ("metrics.jsonl", "audit.jsonl")
+MAX_TEXT = 500
+"""The longest string written to the log, the audit file or the metrics file."""
+
+
+def safe_text(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` printable on one line: non-printable characters escaped, cut to ``limit``.
+
+    Examples
+    --------
+    >>> safe_text("bad\\nline\\x1b[2J")
+    'bad\\\\nline\\\\x1b[2J'
+    >>> safe_text("x" * 8, limit=5)
+    'xxxxx... [cut, 8 characters in all]'
+    """
+    head = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:limit])
+    if len(text) <= limit and len(head) <= limit:
+        return head
+    return head[:limit] + f"... [cut, {len(text)} characters in all]"
+
+
+def _safe(obj: Any) -> Any:
+    """``obj`` with every string (keys too) passed through :func:`safe_text`."""
+    if isinstance(obj, str):
+        return safe_text(obj)
+    if isinstance(obj, Mapping):
+        return {safe_text(str(k)): _safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_safe(v) for v in obj]
+    return obj
 
 
 class MetricsLog(Component):
@@ -31,64 +70,119 @@ class MetricsLog(Component):
     ----------
     out_dir
         Folder of ``metrics.jsonl`` and ``audit.jsonl``; ``""`` writes no files.
-    keep_through_round
-        ``None`` starts both files afresh; a round number (resume) keeps their rows up to
-        and including it and drops the later ones.
     on_round
-        Called with each metrics row (progress bars, tests).
+        Called with each metrics row (progress bars, tests); its strings are safe to print.
+
+    Raises
+    ------
+    ValueError
+        Before round 1 (at ``configure``), if an existing file has a line that is not a
+        JSON object with an integer ``round`` (a last line cut by a crash is dropped with
+        a warning instead).
     """
 
     name = "metrics"
 
     def __init__(
-        self, out_dir: str, *, keep_through_round: int | None,
-        on_round: Callable[[dict[str, Any]], None] | None = None,
+        self, out_dir: str, *, on_round: Callable[[dict[str, Any]], None] | None = None
     ) -> None:
         self.out = Path(out_dir) if out_dir else None
         self.on_round = on_round
-        if self.out is None:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "audit.jsonl"):
-            path = self.out / name
-            if keep_through_round is None:
-                path.write_text("")
-            elif path.exists():  # resume: drop rounds after the checkpoint
-                lines = [
-                    ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["round"] <= keep_through_round
-                ]
-                path.write_text("".join(ln + "\n" for ln in lines))
+        self._earlier: dict[str, list[tuple[int, str]]] | None = None
+        self._started = False
+
+    def configure(self, plan: Plan) -> Plan:
+        self._earlier = self._read_earlier()
+        return plan
 
     def publish(
         self, rnd: int, row: Mapping[str, Any], report: Mapping[str, Any] | None, state: Any
     ) -> Any:
+        if not self._started:
+            self._start(rnd)
+        safe_row = _safe(dict(row))
         if report is not None:
-            _log_report(report)
-            self._write("audit.jsonl", report)
-        self._write("metrics.jsonl", row)
-        log.info("round %d: %s", rnd, {k: v for k, v in row.items() if k != "round"})
+            safe_report = _safe(dict(report))
+            _log_report(safe_report)
+            self._write("audit.jsonl", safe_report)
+        self._write("metrics.jsonl", safe_row)
+        log.info("round %d: %s", rnd, {k: v for k, v in safe_row.items() if k != "round"})
         if self.on_round is not None:
-            self.on_round(dict(row))
+            self.on_round(safe_row)
         return state
+
+    def _read_earlier(self) -> dict[str, list[tuple[int, str]]]:
+        """The ``(round, line)`` pairs already in each file."""
+        out: dict[str, list[tuple[int, str]]] = {}
+        if self.out is None:
+            return out
+        for name in FILES:
+            path = self.out / name
+            if not path.is_file():
+                continue
+            text = path.read_text(encoding="utf-8", errors="replace")
+            lines = text.splitlines()
+            out[name] = []
+            for i, line in enumerate(lines):
+                if not line.strip():
+                    continue
+                rnd = _round_of(line)
+                if rnd is None and i == len(lines) - 1 and not text.endswith("\n"):
+                    log.warning("%s: dropping its last line, cut short by a crash: %s",
+                                path, safe_text(line, 80))
+                    continue
+                if rnd is None:
+                    raise ValueError(
+                        f"{path} line {i + 1} is not a JSON object with an integer 'round': "
+                        "repair or delete the file, or choose another out-dir"
+                    )
+                out[name].append((rnd, line))
+        return out
+
+    def _start(self, first_round: int) -> None:
+        """Drop the rows of rounds ``>= first_round``: they are running again."""
+        self._started = True
+        if self.out is None:
+            return
+        earlier = self._earlier if self._earlier is not None else self._read_earlier()
+        self.out.mkdir(parents=True, exist_ok=True)
+        for name in FILES:
+            lines = earlier.get(name, [])
+            kept = [line for rnd, line in lines if rnd < first_round]
+            if len(kept) < len(lines):
+                log.info("%s: replacing the rows of rounds >= %d, which run again",
+                         self.out / name, first_round)
+            path = self.out / name
+            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, path)
 
     def _write(self, name: str, row: Mapping[str, Any]) -> None:
         if self.out is None:
             return
-        with (self.out / name).open("a") as fh:
+        with (self.out / name).open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(_finite(row), default=_json_default, allow_nan=False) + "\n")
+
+
+def _round_of(line: str) -> int | None:
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    rnd = obj.get("round") if isinstance(obj, dict) else None
+    return rnd if isinstance(rnd, int) and not isinstance(rnd, bool) else None
 
 
 def _log_report(report: Mapping[str, Any]) -> None:
     rnd = report["round"]
     for rej in report.get("rejected", ()):
-        log.info("round %d: rejected node %d (partition %d) [%s]: %s",
+        log.info("round %s: rejected node %s (partition %s) [%s]: %s",
                  rnd, rej["node_id"], rej["partition_id"], rej["stage"], rej["reason"])
     if report.get("skipped"):
-        log.warning("round %d skipped: %s", rnd,
+        log.warning("round %s skipped: %s", rnd,
                     report.get("skipped_reason") or report.get("stopped"))
     else:
-        log.info("round %d: kept %d of %d replies (%.3f s aggregation)", rnd,
+        log.info("round %s: kept %d of %d replies (%.3f s aggregation)", rnd,
                  len(report["kept"]), len(report["participants"]),
                  report["aggregation_seconds"])
 
@@ -107,6 +201,4 @@ def _finite(obj: Any) -> Any:
 def _json_default(obj: object) -> Any:
     if isinstance(obj, Tensor):
         return obj.tolist()
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
-    return str(obj)
+    return safe_text(str(obj))

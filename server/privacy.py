@@ -48,6 +48,7 @@ class CentralDP(Component):
 
     name = "central-dp"
     owns_aggregation = True
+    critical = True  # a released round that cannot be booked must end the run
 
     def __init__(self, config: CentralDPConfig, clients_per_round: int) -> None:
         self.config = config

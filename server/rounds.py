@@ -88,10 +88,10 @@ class ModelSpec:
         extra = sorted(set(state) - set(self.keys) - set(self.other_keys))
         if extra:
             return f"unexpected arrays {extra[:5]}"
-        for k, shape in zip(self.keys, self.shapes, strict=True):
+        for k, shape, dtype in zip(self.keys, self.shapes, self.dtypes, strict=True):
             t = state[k]
-            if not t.is_floating_point():
-                return f"array {k!r} has dtype {t.dtype}, expected a floating dtype"
+            if t.dtype != dtype:  # float64 for float32 would overflow the model silently
+                return f"array {k!r} has dtype {t.dtype}, expected {dtype}"
             if tuple(t.shape) != shape:
                 return f"array {k!r} has shape {tuple(t.shape)}, expected {shape}"
             if not bool(torch.isfinite(t).all()):
@@ -204,23 +204,32 @@ class RoundOutcome:
         }
 
 
-# metrics the server reads from a reply, and what each must be
-_INT_METRICS = ("partition-id", "num-partitions")
-_NUM_METRICS = ("num-examples", "dp-epsilon")
+# metrics the server reads from a reply, and the closed range each must lie in; a client
+# controls them. num-examples is capped so that n weights sum without overflow and a
+# forged count cannot take the whole weight through float rounding (2**40 ~ 1.1e12).
+MAX_NUM_EXAMPLES = 2**40
+_METRIC_RANGES: dict[str, tuple[float, float, bool]] = {  # key: (low, high, integer)
+    "partition-id": (-1, 2**31 - 1, True),  # -1: a node with its own data file
+    "num-partitions": (-1, 2**31 - 1, True),
+    "num-examples": (1, MAX_NUM_EXAMPLES, True),
+    "dp-epsilon": (0.0, math.inf, False),  # inf: a client without DP noise
+}
 
 
 def _bad_metrics(m: Mapping[str, Any]) -> str | None:
-    """Why the reply's metrics cannot be used, or ``None``; a client controls them."""
-    for key in _INT_METRICS + _NUM_METRICS:
+    """Why the reply's metrics cannot be used, or ``None``."""
+    for key, (low, high, integer) in _METRIC_RANGES.items():
         if key not in m:
             continue
         v = m[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return f"metric {key!r} must be a number, got {type(v).__name__} {str(v)[:40]!r}"
-        if key != "dp-epsilon" and not math.isfinite(v):
-            return f"metric {key!r} must be finite, got {v}"
-        if key in _INT_METRICS and float(v) != int(v):
+        if math.isnan(v) or (integer and not math.isfinite(v)):
+            return f"metric {key!r} must be a finite number, got {v}"
+        if integer and float(v) != int(v):
             return f"metric {key!r} must be an integer, got {v}"
+        if not low <= v <= high:
+            return f"metric {key!r} must be in [{low}, {high}], got {v}"
     return None
 
 

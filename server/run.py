@@ -20,15 +20,26 @@ from aggregation import Aggregator
 from runconfig import Spec, resolve_object
 from runconfig.config import RunConfig, Scalar
 
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    check_like,
+    load_checkpoint,
+    refuse_used_out_dir,
+    remove_temporaries,
+    save_checkpoint,
+)
 from .loop import Federation, RunState, run_rounds
 from .metrics_log import MetricsLog
 from .privacy import CentralDP
 from .provenance import write_provenance
 from .rounds import ModelSpec
+from .secagg import SecureAggregation
 from .stages import Component, Plan, Transport
 
-__all__ = ["ServerTask", "build_aggregator", "build_rule", "evaluate_model", "run_federation"]
+__all__ = [
+    "ServerTask", "build_aggregator", "build_rule", "check_defense_runs", "evaluate_model",
+    "run_federation",
+]
 
 log = logging.getLogger("fedshield.server")
 
@@ -65,6 +76,64 @@ def build_aggregator(rule: Spec, pre: Sequence[Spec], *, default_f: int) -> Aggr
 def build_rule(cfg: RunConfig) -> Aggregator:
     """The run's defense: its rule and pre-aggregation steps, ``f`` = ``num-malicious``."""
     return build_aggregator(cfg.rule, cfg.pre_aggregation, default_f=cfg.num_malicious)
+
+
+def server_device(name: str) -> torch.device:
+    """The device the server aggregates and evaluates on (``"auto"``: CUDA when present).
+
+    Raises
+    ------
+    ValueError
+        An unknown device name, or CUDA asked for on a machine without it.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"server-device={name!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"server-device={name!r} but CUDA is not available here; use 'auto' "
+                         "or 'cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"server-device={name!r}: fedshield runs on 'cpu' or 'cuda' devices")
+    return device
+
+
+def check_defense_runs(cfg: RunConfig, rule: Aggregator, n: int) -> None:
+    """Refuse, before round 1, a defense that cannot run with ``n`` clients per round.
+
+    The rule (with its pre-aggregation steps) is run once on random ``(n, 8)`` updates:
+    a precondition it fails there (e.g. Krum after bucketing leaves too few buckets) would
+    fail every round. Bucketing with ``s >= n / 2`` leaves at most two buckets, which turns
+    a median or trimmed mean into the mean: refused too.
+
+    Raises
+    ------
+    ValueError
+        Naming the defense, ``n`` and the fix.
+    """
+    from aggregation.registry import make_generator
+
+    for step in cfg.pre_aggregation:
+        s = step.params.get("s", 2)
+        if step.name == "bucketing" and isinstance(s, int) and s > 1 and 2 * s >= n:
+            raise ValueError(
+                f"bucketing(s={s}) with n={n} clients per round leaves {-(-n // s)} buckets: "
+                f"{cfg.rule.name} of two buckets is their mean, so the defense does nothing; "
+                f"use s < n/2 (s <= {(n - 1) // 2}) or sample more clients"
+            )
+    gen = make_generator(0)
+    updates = torch.randn(n, 8, generator=gen, dtype=torch.float64)
+    state = rule.init_state(8, dtype=torch.float64, device="cpu") if rule.stateful else None
+    try:
+        rule(updates, torch.ones(n, dtype=torch.float64), state=state, generator=gen)
+    except (ValueError, TypeError) as exc:  # PreconditionError is a ValueError
+        raise ValueError(
+            f"the defense {rule.name} cannot run with n={n} clients per round: {exc}"
+        ) from exc
 
 
 def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, device: torch.device) -> dict[str, float]:
@@ -116,6 +185,9 @@ def build_components(cfg: RunConfig, task: ServerTask) -> list[Component]:
     if cfg.central_dp:
         out.append(CentralDP.from_params(
             cfg.central_dp, rule=cfg.rule.name, clients_per_round=cfg.clients_per_round))
+    if cfg.secagg:
+        out.append(SecureAggregation.from_params(cfg.secagg, seed=cfg.seed,
+                                                 min_clients=cfg.min_clients))
     if cfg.adversary:
         plugin = resolve_object(cfg.adversary)(cfg)
         if plugin is not None:
@@ -157,48 +229,66 @@ def run_federation(
     model = task.build_model()
     x_test, y_test = task.test_data()
     spec = ModelSpec.from_state(model.state_dict())
-    device = (
-        torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if cfg.server_device == "auto" else torch.device(cfg.server_device)
-    )
+    device = server_device(cfg.server_device)
     ckpt_dir = Path(cfg.out_dir) / "checkpoint" if cfg.out_dir else None
-    ckpt = load_checkpoint(ckpt_dir) if (cfg.resume and ckpt_dir is not None) else None
-    comps = [
-        *build_components(cfg, task), *components,
-        MetricsLog(cfg.out_dir, keep_through_round=ckpt.server_round if ckpt else None,
-                   on_round=on_round),
-    ]
+    ckpt: Checkpoint | None = None
+    if ckpt_dir is not None:
+        if not cfg.resume:
+            refuse_used_out_dir(cfg.out_dir)
+        remove_temporaries(ckpt_dir)
+        if cfg.resume:
+            ckpt = load_checkpoint(ckpt_dir, model.state_dict())
+            if ckpt is None:
+                log.warning("resume=true but %s holds no checkpoint: the run starts at round 1",
+                            ckpt_dir)
+    comps = [*build_components(cfg, task), *components,
+             MetricsLog(cfg.out_dir, on_round=on_round)]
     rule = build_rule(cfg)
+    if cfg.clients_per_round and not cfg.central_dp:  # n is known before round 1
+        check_defense_runs(cfg, rule, cfg.clients_per_round)
     plan = Plan(
         sampling="fixed", clients_per_round=cfg.clients_per_round, min_clients=cfg.min_clients,
         node_wait_timeout=cfg.node_wait_timeout, round_timeout=cfg.round_timeout,
     )
     for c in comps:
         plan = c.configure(plan)
-    if ckpt is not None:
-        check_resumable(cfg.flat, ckpt.extra.get("run_config"), ckpt_dir)
-        model.load_state_dict({**model.state_dict(), **ckpt.model})
-        saved = ckpt.extra.get("components", {})
-        missing = sorted({c.name for c in comps} - set(saved) - {"metrics"})
+    first_rule_state = (rule.init_state(spec.dim, dtype=torch.float64, device=device)
+                        if rule.stateful else None)
+    if ckpt is None:
+        rule_state = first_rule_state
+        states = {c.name: c.init_state() for c in comps}
+        global_flat = spec.flatten(model.state_dict())
+    else:  # everything is checked before anything of the checkpoint is used
+        check_resumable(cfg.flat, ckpt.extra["run_config"], ckpt_dir)
+        saved = ckpt.extra["components"]
+        missing = sorted({c.name for c in comps} - set(saved))
         if missing:
-            raise ValueError(f"checkpoint in {ckpt_dir} has no state for components {missing}; "
-                             "resume=false to start afresh")
-        rule_state = ckpt.extra.get("rule_state")
+            raise ValueError(
+                f"checkpoint in {ckpt_dir} has no state for components {missing}: resume "
+                "with the components the run was started with, or delete the checkpoint "
+                "folder to restart the run from round 1"
+            )
+        try:
+            check_like(ckpt.extra["rule_state"], first_rule_state, f"{rule.name} state")
+        except ValueError as exc:
+            raise ValueError(f"checkpoint in {ckpt_dir} does not fit the rule ({exc}): delete "
+                             "the checkpoint folder to restart the run from round 1") from None
+        rule_state = ckpt.extra["rule_state"]
         if isinstance(rule_state, Tensor):
             rule_state = rule_state.to(device)
-        states = {c.name: saved.get(c.name) for c in comps}
+        states = {c.name: saved[c.name] for c in comps}
+        model.load_state_dict(ckpt.model)  # the non-floating entries (counters) come from it
+        global_flat = spec.flatten(ckpt.model)  # float64, exactly the saved global model
         log.info("resuming after round %d from %s", ckpt.server_round, ckpt_dir)
     base_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    global_flat = spec.flatten(base_state)
-    if ckpt is None:
-        rule_state = (rule.init_state(spec.dim, dtype=torch.float64, device=device)
-                      if rule.stateful else None)
-        states = {c.name: c.init_state() for c in comps}
 
     def checkpoint(rnd: int, run: RunState) -> None:
         assert ckpt_dir is not None
+        flat = run.global_flat.detach().to(device="cpu", dtype=torch.float64)
+        exact = {k: p.reshape(shape) for k, p, shape in
+                 zip(spec.keys, torch.split(flat, spec.sizes), spec.shapes, strict=True)}
         save_checkpoint(ckpt_dir, Checkpoint(
-            rnd, {**base_state, **spec.unflatten(run.global_flat)},
+            rnd, {**base_state, **exact},
             {"rule_state": run.rule_state, "components": run.components,
              "run_config": dict(cfg.flat)},
         ))

@@ -152,6 +152,10 @@ class Component:
     name: str = "component"
     owns_exchange: bool = False  # True: exchange() replaces the default train exchange
     owns_aggregation: bool = False  # True: aggregate() replaces the rule
+    # A failure of a component's stage skips the round (or, after aggregation, only drops
+    # its metrics); a critical component's failure to record ends the run instead, since
+    # going on would be unsafe (central DP booking a released round).
+    critical: bool = False
 
     def init_state(self) -> State:
         """The state before round 1."""

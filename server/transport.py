@@ -53,11 +53,26 @@ def _encode(payload: Payload) -> RecordDict:
 
 
 def _decode(msg: Message, sent_to: Mapping[str, int]) -> Reply:
-    """Never raises on bad content: a malformed reply is the client's fault, not ours."""
-    node = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+    """Never raises on bad content: a malformed reply is the client's fault, not ours.
+
+    A reply counts only if it answers a message sent in this exchange and comes from the
+    node that message was sent to; otherwise it is an error reply (attributed to the node
+    it claims to come from), which the round rejects with the reason.
+    """
+    src = int(msg.metadata.src_node_id)
+    node = sent_to.get(msg.metadata.reply_to_message_id)
+    if node is None:
+        return Reply(src, error=(
+            f"reply answers no message sent in this round (reply_to "
+            f"{str(msg.metadata.reply_to_message_id)[:40]!r}): a late or forged reply"))
     if msg.has_error():
+        # Flower reports a lost node with an error reply sent by the SuperLink itself, so
+        # an error's sender is not checked
         err = msg.error
         return Reply(node, error=f"client error {err.code}: {err.reason}")
+    if src != node:
+        return Reply(node, error=(
+            f"reply to the message sent to node {node} came from node {src}"))
     content = msg.content
     try:
         arrays = {k: rec.to_torch_state_dict() for k, rec in content.array_records.items()}

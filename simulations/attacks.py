@@ -12,8 +12,9 @@ line above its function; build one with :func:`get_attack`::
     attack = get_attack("alie")
     malicious = attack(honest, f=3, generator=make_generator(0))   # (3, d)
 
-An attack that needs to know the defense (``needs_aggregator=True``, e.g. ``fang_krum``)
-receives it as the ``aggregator`` argument: any object called as
+An attack that needs to know the defense (``needs_aggregator=True``: ``fang_krum``, and
+``alie_adaptive`` / ``ipm_adaptive``, which search their strength against it) receives it
+as the ``aggregator`` argument: any object called as
 ``aggregator(updates, weights, generator=...)`` that returns a result with ``.update`` and
 ``.kept``, e.g. ``aggregation.get("krum", f=f)``. No attack inspects the defense's class
 or name.
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor
 
 from aggregation.catalog import Check, Factory, optional
-from aggregation.registry import Registry
+from aggregation.registry import Registry, make_generator
 
 __all__ = [
     "ATTACKS",
@@ -46,7 +47,10 @@ __all__ = [
     "AggregatorLike",
     "Attack",
     "FangKrumResult",
+    "StrengthSearch",
     "alie",
+    "alie_adaptive",
+    "alie_search",
     "alie_z_max",
     "attack_names",
     "fang_krum",
@@ -55,6 +59,8 @@ __all__ = [
     "gaussian_noise",
     "get_attack",
     "ipm",
+    "ipm_adaptive",
+    "ipm_search",
     "mimic",
     "mimic_index",
     "min_max",
@@ -65,6 +71,7 @@ __all__ = [
     "register_attack",
     "scaling",
     "sign_flip_mean",
+    "strength_search",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -163,12 +170,14 @@ class Attack:
 ATTACKS: Registry[Factory[Attack]] = Registry("attack")
 
 
-def register_attack(name: str, *, params: Mapping[str, Check] | None = None) -> Callable[[F], F]:
+def register_attack(name: str, *, params: Mapping[str, Check] | None = None,
+                    validate: Callable[[Mapping[str, Any]], None] | None = None
+                    ) -> Callable[[F], F]:
     """Register the decorated ``fn(honest, f, *, hyper..., generator?, aggregator?)`` as the
     omniscient attack ``name``; the function is returned unchanged.
 
     ``params`` checks each hyperparameter (``fn``'s other keyword-only parameters) when the
-    attack is built. A function with a keyword-only ``generator`` gets the attack's
+    attack is built, ``validate`` all of them together. A function with a keyword-only ``generator`` gets the attack's
     generator; one with ``aggregator`` gets the defense and needs it (``needs_aggregator``).
     """
     def decorator(fn: F) -> F:
@@ -187,7 +196,7 @@ def register_attack(name: str, *, params: Mapping[str, Check] | None = None) -> 
                 return out
             return Attack(name, needs_aggregator, p, run)
 
-        ATTACKS.register(name)(Factory(name, fn, make, params=params,
+        ATTACKS.register(name)(Factory(name, fn, make, params=params, validate=validate,
                                        runtime=("generator", "aggregator")))
         return fn
     return decorator
@@ -812,6 +821,256 @@ def fang_krum(honest: Tensor, f: int, *, aggregator: AggregatorLike,
     """The ``(f, d)`` malicious updates of :func:`fang_krum_search` [Fang et al., 2020]."""
     return fang_krum_search(honest, f, aggregator=aggregator, generator=generator,
                             epsilon=epsilon, stop_threshold=stop_threshold).malicious
+
+
+# --------------------------------------------------------------------------- adaptive strength
+
+
+class StrengthSearch(NamedTuple):
+    """Outcome of :func:`strength_search`."""
+
+    malicious: Tensor  # (f, d) at the chosen strength
+    strength: float  # the z (ALIE) or epsilon (IPM) chosen
+    distance: float  # ||aggregate - honest mean|| at that strength
+    tried: tuple[tuple[float, float], ...]  # (strength, distance) in evaluation order
+
+
+def _int_seed(generator: torch.Generator) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+
+
+def strength_search(honest: Tensor, f: int, craft: Callable[[float], Tensor], *,
+                    aggregator: AggregatorLike, generator: torch.Generator, low: float,
+                    high: float, grid: int, refine: int,
+                    include: tuple[float, ...] = ()) -> StrengthSearch:
+    """The strength of an attack that moves the defended aggregate farthest from the honest
+    mean, by a grid and a line search [as ByzFL's optimal ALIE / IPM; Allouah et al., 2023].
+
+    The objective is ``D(s) = ||A([honest; craft(s)]) - mu||`` with ``A`` the defense and
+    ``mu`` the honest mean (computed in float64), the distance the attackers want large.
+    It is evaluated on ``grid`` strengths spaced geometrically over ``[low, high]`` plus
+    the strengths in ``include`` (e.g. the fixed attack's default), then ``refine`` times
+    at the geometric midpoint between the best strength so far and the farther of its two
+    evaluated neighbours, a bracketing line search that needs no unimodality. Every
+    evaluation calls ``aggregator`` with a fresh generator of one seed drawn from
+    ``generator``, so a random defense draws the same numbers for every candidate and
+    the comparison is fair. The best strength wins; ties go to the smaller one. A
+    candidate that the defense refuses (``ValueError``, e.g. a round it would skip) is
+    recorded with distance ``nan`` and never chosen.
+
+    Since ``include`` is among the candidates, the chosen strength moves the aggregate at
+    least as far as each of them, as measured with the search's generator.
+
+    Parameters
+    ----------
+    honest
+        ``(h, d)`` honest updates.
+    f
+        Number of attackers; ``craft(s)`` returns their ``(f, d)`` updates at strength
+        ``s``.
+    aggregator
+        The defense, called as ``aggregator(updates, None, generator=...)``.
+    low, high
+        ``0 < low < high``: the grid's range.
+    grid
+        Grid points, ``>= 2``.
+    refine
+        Line-search evaluations after the grid, ``>= 0``.
+    include
+        Further strengths to evaluate (those outside ``(0, inf)`` are ignored).
+
+    Returns
+    -------
+    StrengthSearch
+
+    Raises
+    ------
+    ValueError
+        If the defense refuses every candidate (the last refusal is re-raised).
+
+    Examples
+    --------
+    >>> import aggregation  # doctest: +SKIP
+    >>> res = strength_search(honest, 3, lambda z: alie(honest, 3, z=z),
+    ...                       aggregator=aggregation.get("median"), generator=g,
+    ...                       low=0.1, high=10.0, grid=9, refine=8)  # doctest: +SKIP
+    """
+    seed = _int_seed(generator)
+    mu = honest.to(torch.float64).mean(dim=0)
+    results: dict[float, float] = {}
+    crafted: dict[float, Tensor] = {}
+    tried: list[tuple[float, float]] = []
+    refusal: ValueError | None = None
+
+    def evaluate(s: float) -> None:
+        nonlocal refusal
+        if s in results:
+            return
+        malicious = craft(s)
+        try:
+            out = aggregator(torch.cat([honest, malicious]), None,
+                             generator=make_generator(seed, generator.device))
+            dist = float(torch.linalg.vector_norm(out.update.to(torch.float64) - mu))
+        except ValueError as exc:
+            refusal, dist = exc, math.nan
+        results[s], crafted[s] = dist, malicious
+        tried.append((s, dist))
+
+    ratio = (high / low) ** (1.0 / (grid - 1))
+    for s in [*(v for v in include if 0 < v < math.inf), *(low * ratio**k for k in range(grid))]:
+        evaluate(s)
+    for _ in range(refine):
+        top = _best(results)
+        if top is None:
+            break
+        xs = sorted(results)
+        i = xs.index(top)
+        sides = [x for x in (xs[i - 1] if i > 0 else None,
+                             xs[i + 1] if i + 1 < len(xs) else None) if x is not None]
+        far = max(sides, key=lambda x: abs(math.log(x / top)))
+        mid = math.sqrt(top * far)
+        if mid in results:  # the bracket is exhausted in floating point
+            break
+        evaluate(mid)
+    best = _best(results)
+    if best is None:
+        assert refusal is not None
+        raise refusal
+    return StrengthSearch(crafted[best], best, results[best], tuple(tried))
+
+
+def _best(results: Mapping[float, float]) -> float | None:
+    """The strength of the largest finite distance, the smallest on ties; None if none."""
+    finite = [(d, s) for s, d in results.items() if not math.isnan(d)]
+    if not finite:
+        return None
+    top = max(d for d, _ in finite)
+    return min(s for d, s in finite if d == top)
+
+
+def _search_range(name: str) -> Callable[[Mapping[str, Any]], None]:
+    def validate(params: Mapping[str, Any]) -> None:
+        if not params["low"] < params["high"]:
+            raise ValueError(
+                f"{name}: needs low < high for the search range, got low={params['low']:g}, "
+                f"high={params['high']:g}"
+            )
+    return validate
+
+
+_SEARCH_PARAMS: dict[str, Check] = {
+    "low": _real(low=0.0), "high": _real(low=0.0),
+    "grid": lambda name, param, value: _check_count(name, param, value, low=2),
+    "refine": lambda name, param, value: _check_count(name, param, value, low=0),
+}
+
+
+def _check_count(name: str, param: str, value: Any, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: {param} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name}: needs {param} >= {low}, got {param}={value}")
+    return value
+
+
+@register_attack("alie_adaptive", params=_SEARCH_PARAMS,
+                 validate=_search_range("alie_adaptive"))
+def alie_adaptive(honest: Tensor, f: int, *, aggregator: AggregatorLike,
+                  generator: torch.Generator, low: float = 0.1, high: float = 10.0,
+                  grid: int = 9, refine: int = 8) -> Tensor:
+    """ALIE with ``z`` searched against the defense in use [Baruch et al., NeurIPS 2019;
+    the search as ByzFL's optimal ALIE, Allouah et al., 2023].
+
+    :func:`alie` at the ``z`` found by :func:`strength_search` over ``[low, high]``, with
+    the paper's :func:`alie_z_max` (when defined for ``n = h + f``) among the candidates,
+    so the result moves the defended aggregate at least as far as the fixed ``alie``
+    does (as measured with the search's generator). ``grid + refine + 1`` calls of the
+    defense per round.
+
+    Returns
+    -------
+    Tensor
+        ``(f, d)``, dtype and device of ``honest``.
+
+    Raises
+    ------
+    ValueError
+        If ``h < 2``, or the defense refuses every candidate.
+
+    Examples
+    --------
+    >>> import aggregation
+    >>> from aggregation.registry import make_generator
+    >>> honest = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0]])   # mu = 2
+    >>> res = alie_search(honest, 2, aggregator=aggregation.get("median"),
+    ...                   generator=make_generator(0))
+    >>> res.distance   # two attackers at or below 1 move the median of 7 from 2 to 1
+    1.0
+    >>> bool(res.malicious[0, 0] <= 1.0), res.malicious.shape
+    (True, torch.Size([2, 1]))
+    """
+    return alie_search(honest, f, aggregator=aggregator, generator=generator, low=low,
+                       high=high, grid=grid, refine=refine).malicious
+
+
+def alie_search(honest: Tensor, f: int, *, aggregator: AggregatorLike,
+                generator: torch.Generator, low: float = 0.1, high: float = 10.0,
+                grid: int = 9, refine: int = 8) -> StrengthSearch:
+    """The :class:`StrengthSearch` behind :func:`alie_adaptive` (``strength`` is ``z``)."""
+    if honest.shape[0] < 2:
+        raise ValueError(
+            f"alie_adaptive: needs h >= 2 honest updates for a standard deviation, "
+            f"got h={honest.shape[0]}"
+        )
+    try:
+        include: tuple[float, ...] = (alie_z_max(honest.shape[0] + f, f),)
+    except ValueError:  # attackers already a majority: no paper z to compare with
+        include = ()
+    return strength_search(honest, f, lambda z: alie(honest, f, z=z), aggregator=aggregator,
+                           generator=generator, low=low, high=high, grid=grid,
+                           refine=refine, include=include)
+
+
+@register_attack("ipm_adaptive", params=_SEARCH_PARAMS,
+                 validate=_search_range("ipm_adaptive"))
+def ipm_adaptive(honest: Tensor, f: int, *, aggregator: AggregatorLike,
+                 generator: torch.Generator, low: float = 0.01, high: float = 100.0,
+                 grid: int = 9, refine: int = 8) -> Tensor:
+    """IPM with ``epsilon`` searched against the defense in use [Xie, Koyejo & Gupta,
+    UAI 2020; the search as ByzFL's optimal IPM, Allouah et al., 2023].
+
+    :func:`ipm` at the ``epsilon`` found by :func:`strength_search` over ``[low, high]``,
+    with ``ipm``'s default 0.1 among the candidates, so the result moves the defended
+    aggregate at least as far as the fixed ``ipm`` does (as measured with the search's
+    generator). Against the plain mean the distance grows with ``epsilon``, so the search
+    ends at ``high``; a filtering defense stops it where the attackers start being
+    removed. ``grid + refine + 1`` calls of the defense per round.
+
+    Returns
+    -------
+    Tensor
+        ``(f, d)``, dtype and device of ``honest``.
+
+    Examples
+    --------
+    >>> import aggregation
+    >>> from aggregation.registry import make_generator
+    >>> m = ipm_adaptive(torch.ones(4, 2), 1, aggregator=aggregation.get("mean"),
+    ...                  generator=make_generator(0))
+    >>> m   # the mean is moved farthest at the top of the range
+    tensor([[-100., -100.]])
+    """
+    return ipm_search(honest, f, aggregator=aggregator, generator=generator, low=low,
+                      high=high, grid=grid, refine=refine).malicious
+
+
+def ipm_search(honest: Tensor, f: int, *, aggregator: AggregatorLike,
+               generator: torch.Generator, low: float = 0.01, high: float = 100.0,
+               grid: int = 9, refine: int = 8) -> StrengthSearch:
+    """The :class:`StrengthSearch` behind :func:`ipm_adaptive` (``strength`` is ``epsilon``)."""
+    return strength_search(honest, f, lambda eps: ipm(honest, f, epsilon=eps),
+                           aggregator=aggregator, generator=generator, low=low, high=high,
+                           grid=grid, refine=refine, include=(0.1,))
 
 
 # --------------------------------------------------------------------------- mimic

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -81,9 +82,19 @@ def run_one(cfg: dict[str, Scalar], out: Path, *, quiet: bool = False) -> list[d
     return run_in_process(cfg, on_round=progress)
 
 
+def check_paths(config: str | None, out: Path) -> None:
+    """Refuse a ``--config`` that is not a file and an ``--out`` that is not a folder."""
+    if config is not None and not Path(config).is_file():
+        what = "a folder" if Path(config).is_dir() else "missing"
+        raise ValueError(f"--config {config} is {what}: name a TOML file of run-config keys")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: name a folder (it is created if missing)")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
+    check_paths(args.config, out)
+    cfg = load_config(args.config, args.overrides)
     t0 = time.perf_counter()
     rows = run_one(cfg, out)
     if not rows:
@@ -114,6 +125,7 @@ DEMO_CELLS: tuple[tuple[str, str, dict[str, Scalar]], ...] = (
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Digits, 10 clients of which 3 send sign-flipped updates: FedAvg vs robust rules."""
     out = Path(args.out)
+    check_paths(None, out)
     base = load_config(
         None,
         [
@@ -132,6 +144,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         cfg = {**base, "aggregator": rule, **extra}
         slug = label.lower().replace(",", "").replace(" ", "-")
         print(f"- {label} ({'no attack' if cfg['num-malicious'] == 0 else 'under attack'})")
+        # the demo owns these folders: a new demo replaces the last one's runs
+        shutil.rmtree(out / slug, ignore_errors=True)
         rows = run_one(cfg, out / slug, quiet=True)
         print(f"  final accuracy {rows[-1]['accuracy']:.4f}")
         results.append((label, rows))
@@ -263,6 +277,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 0
     scenario = scenario_from_args(args)
     out = Path(args.out) if args.out else Path("results") / "bench" / scenario.name
+    check_paths(None, out)
     if args.dry_run:
         cells = scenario.cells()
         check_cells(cells)
@@ -320,6 +335,7 @@ def _cmd_audit_inversion(args: argparse.Namespace) -> int:
         attack_params.setdefault(spec.name, {}).update(spec.params)
     defenses = [parse_spec(d, what="--defense") for d in (args.defense or DEFAULT_AUDIT_DEFENSES)]
     out = Path(args.out)
+    check_paths(None, out)
     t0 = time.perf_counter()
     rows = run_inversion_audit(
         args.model,
@@ -346,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedshield", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"fedshield {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every round")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run one federation in process")
@@ -406,9 +424,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return int(args.func(args))
-    except (KeyError, TypeError, ValueError, FileNotFoundError) as exc:
+    except (KeyError, TypeError, ValueError, OSError) as exc:
+        # one line that says what is wrong and how to fix it; --debug shows the traceback
+        if args.debug:
+            raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"fedshield: error: {msg}", file=sys.stderr)
+        if isinstance(exc, OSError) and exc.filename is not None:
+            msg = f"{exc.strerror or type(exc).__name__}: {exc.filename}"
+        text = " ".join(str(msg).split())
+        print(f"fedshield: error: {text} (run with --debug for the traceback)", file=sys.stderr)
         return 2
 
 

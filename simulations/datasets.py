@@ -412,7 +412,7 @@ def arrays_to_dataset(name: str, arrays: Mapping[str, NDArray]) -> Dataset:
     for split in ("train", "test"):
         if xs[split].shape[0] == 0:
             raise ValueError(f"{name}: x_{split} is empty; both splits need samples")
-    num_classes = int(max(ys["train"].max(), ys["test"].max())) + 1
+    num_classes = _num_classes(name, ys["train"], ys["test"])
     return Dataset(
         name=name,
         x_train=torch.from_numpy(np.ascontiguousarray(xs["train"])),
@@ -513,7 +513,7 @@ def _split_dataset(
         y_train=torch.from_numpy(y[tr].astype(np.int64)),
         x_test=torch.from_numpy(np.ascontiguousarray(x[te], dtype=np.float32)),
         y_test=torch.from_numpy(y[te].astype(np.int64)),
-        num_classes=int(y.max()) + 1,
+        num_classes=_num_classes(name, y),
         input_shape=tuple(int(s) for s in x.shape[1:]),
     )
 
@@ -674,3 +674,30 @@ def _hub_loader(name: str) -> DatasetLoader:
 
 for _name in HUB_IDS:
     DATASETS.register(_name)(_hub_loader(_name))
+
+
+# a labels file sizes the model's output layer: more classes than this is not a class count
+MAX_CLASSES = 100_000
+
+
+def _num_classes(name: str, *labels: NDArray) -> int:
+    """``max label + 1``, refused when the labels cannot mean that many classes.
+
+    Raises
+    ------
+    ValueError
+        If the largest label exceeds :data:`MAX_CLASSES`, or it exceeds 1023 while fewer
+        than half of the classes ``0 .. max`` appear (sparse labels such as
+        ``{0, 7, 90000}`` would size the model by their largest value; a small output layer
+        with classes absent from a small file is harmless).
+    """
+    top = int(max(int(y.max()) for y in labels))
+    distinct = len(np.unique(np.concatenate([np.asarray(y).reshape(-1) for y in labels])))
+    if top + 1 > MAX_CLASSES or (top + 1 > 1024 and 2 * distinct < top + 1):
+        raise ValueError(
+            f"{name}: labels run up to {top} but only {distinct} distinct values appear; the "
+            f"model would get {top + 1} outputs. Relabel the classes to 0..K-1 "
+            f"(at most {MAX_CLASSES} classes)"
+        )
+    return top + 1
+

@@ -10,8 +10,8 @@ only the transport differs. That makes a run deterministic given its seed and re
 from __future__ import annotations
 
 import itertools
+import logging
 import time
-import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -149,8 +149,12 @@ class InProcessGrid(Grid):
                 return None
             reply = self.client_app(msg, ctx)
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-            reply = Message(Error(code=500, reason=reason), reply_to=msg)
+            # the reply carries what a deployment's would, the type and the message; the
+            # traceback (file paths) goes to the debug log only
+            logging.getLogger("fedshield.engine").debug(
+                "the ClientApp of partition %d raised", pid, exc_info=True)
+            reply = Message(Error(code=500, reason=f"{type(exc).__name__}: {exc}"),
+                            reply_to=msg)
         finally:
             self.call_seconds.append(time.perf_counter() - t0)
         reply.metadata.__dict__["_message_id"] = f"r{next(self._counter)}"
@@ -210,6 +214,12 @@ def check_names(cfg: RunConfig) -> None:
                 "empty: the run would be attack-free. Set adversary="
                 "'simulations.adversary:build_adversary'"
             )
+        if not is_client_side_attack(attack) and cfg.secagg:
+            raise ValueError(
+                f"attack {attack!r} crafts updates from the other clients' updates, which "
+                "secure aggregation hides from the server: the run would be attack-free. Use "
+                "a client-side attack (e.g. sign_flip, label_flip) with secagg"
+            )
 
 
 def validate(run_config: Mapping[str, Scalar] | RunConfig, num_clients: int) -> RunConfig:
@@ -231,7 +241,9 @@ def validate(run_config: Mapping[str, Scalar] | RunConfig, num_clients: int) -> 
     from aggregation.registry import make_generator
     from client.local_dp import local_dp_update
     from client.malicious import malicious_partitions
+    from client.train import resolve_device
     from server.privacy import CentralDP
+    from server.run import build_rule, check_defense_runs, server_device
 
     from .task import build_task
 
@@ -247,10 +259,19 @@ def validate(run_config: Mapping[str, Scalar] | RunConfig, num_clients: int) -> 
             "every round would wait node-wait-timeout for nodes that do not exist; lower "
             "clients-per-round"
         )
+    if cfg.min_clients > num_clients and not cfg.central_dp:
+        raise ValueError(
+            f"min-clients={cfg.min_clients} exceeds num-clients={num_clients}: every round "
+            "would wait node-wait-timeout and then be skipped; lower min-clients"
+        )
+    resolve_device(cfg.device)  # the clients run here: device=cuda needs CUDA here
+    server_device(cfg.server_device)
     if cfg.central_dp:
         CentralDP.from_params(
             cfg.central_dp, rule=cfg.rule.name, clients_per_round=cfg.clients_per_round,
         ).check_nodes(num_clients)
+    else:
+        check_defense_runs(cfg, build_rule(cfg), cfg.clients_per_round or num_clients)
     if cfg.local_dp:
         p = dict(cfg.local_dp)
         local_dp_update(torch.zeros(2), float(p.pop("clipping_norm")), **p,

@@ -9,13 +9,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("aggregation", "privacy", "runconfig", "server", "client", "simulations", "deploy")
+PACKAGES = (
+    "aggregation", "privacy", "runconfig", "secagg", "server", "client", "simulations", "deploy",
+)
 _ABOVE_BASE = {"server", "client", "simulations", "deploy", "flwr", "opacus"}
 FORBIDDEN = {
     # the base: pure maths, the privacy core and the run config know nothing above them
     "aggregation": _ABOVE_BASE | {"privacy", "runconfig"},
     "privacy": _ABOVE_BASE - {"opacus"} | {"runconfig"},
     "runconfig": _ABOVE_BASE | {"privacy", "torch"},
+    "secagg": _ABOVE_BASE | {"privacy", "runconfig"},
     "server": {"client", "simulations"},
     "client": {"server", "simulations"},
     "simulations": {"deploy"},

@@ -11,6 +11,7 @@ import pytest
 import aggregation
 
 MODULES = ["aggregation", "aggregation.rules", "aggregation.pre", "aggregation.catalog",
+           "aggregation.detection",
            "aggregation.compose", "aggregation.registry", "aggregation._checks"]
 
 

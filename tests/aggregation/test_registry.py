@@ -13,8 +13,9 @@ from aggregation import PRE_AGGREGATORS, RULES, Registry
 
 def test_names_are_sorted_and_complete() -> None:
     assert aggregation.names() == sorted(aggregation.names())
-    assert aggregation.names() == ["bulyan", "centered_clipping", "geometric_median", "krum",
-                                   "mean", "median", "multi_krum", "trimmed_mean"]
+    assert aggregation.names() == ["bulyan", "centered_clipping", "dnc", "flame",
+                                   "geometric_median", "krum", "mean", "median", "multi_krum",
+                                   "signguard", "trimmed_mean"]
     assert aggregation.pre_names() == ["bucketing", "nnm", "norm_clip"]
 
 
@@ -99,10 +100,11 @@ def test_seed_helpers_are_exported() -> None:
 
 def test_each_rule_and_step_is_registered_on_its_own_function() -> None:
     """One function, one registration line: the entry wraps the module-level function."""
-    from aggregation import pre, rules
+    from aggregation import detection, pre, rules
 
     for name in aggregation.names():
-        assert RULES.get(name).fn is getattr(rules, name)
+        module = detection if name in ("dnc", "flame", "signguard") else rules
+        assert RULES.get(name).fn is getattr(module, name)
     for name in aggregation.pre_names():
         assert PRE_AGGREGATORS.get(name).fn is getattr(pre, name)
 

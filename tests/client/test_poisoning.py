@@ -320,3 +320,108 @@ def test_update_poisoning_input_checks() -> None:
         poison(torch.tensor([math.inf]), generator=make_generator(0))
     with pytest.raises(TypeError, match="Generator"):
         poison(torch.zeros(3), generator=None)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- model replacement
+
+
+def test_model_replacement_replaces_the_fedavg_model() -> None:
+    """[Bagdasaryan et al., 2020, Eq. 3]: with gamma = n / eta and honest updates that
+    cancel out, FedAvg's new global model is the attacker's model X."""
+    g = make_generator(0)
+    n, eta = 10, 0.5
+    global_model = torch.randn(6, generator=g, dtype=torch.float64)
+    backdoored = torch.randn(6, generator=g, dtype=torch.float64)  # X
+    honest = torch.randn(n - 1, 6, generator=g, dtype=torch.float64)
+    honest -= honest.mean(dim=0)  # sum to zero: the model has converged
+    sent = P.model_replacement(backdoored - global_model, scale=n / eta)
+    new_global = global_model + eta / n * (honest.sum(dim=0) + sent)
+    torch.testing.assert_close(new_global, backdoored, rtol=1e-12, atol=1e-12)
+    # unconstrained, it is the backdoor attack's boost with boost = n / eta
+    assert torch.equal(sent, P.boost_update(backdoored - global_model, n / eta))
+
+
+@pytest.mark.parametrize("bound", [0.5, 3.0, 1e3])
+def test_model_replacement_scales_up_to_the_norm_bound_and_no_further(bound: float) -> None:
+    import aggregation
+
+    u = torch.tensor([0.3, -0.4, 1.2], dtype=torch.float64)  # norm 1.3
+    sent = P.model_replacement(u, scale=20.0, max_norm=bound)
+    expected = min(20.0, bound / 1.3)
+    torch.testing.assert_close(sent, expected * u, rtol=1e-12, atol=0.0)
+    assert float(torch.linalg.vector_norm(sent)) <= bound * (1 + 1e-12)
+    # the server's norm clipping at the same bound leaves it as sent
+    clipped = aggregation.get_pre("norm_clip", max_norm=bound)(sent[None]).updates[0]
+    torch.testing.assert_close(clipped, sent, rtol=1e-12, atol=1e-12)
+
+
+def test_model_replacement_checks_its_inputs() -> None:
+    u = torch.ones(3)
+    assert P.model_replacement(u, scale=4.0).dtype == torch.float32
+    for bad in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match="scale"):
+            P.model_replacement(u, scale=bad)
+    with pytest.raises(ValueError, match="max_norm"):
+        P.model_replacement(u, scale=4.0, max_norm=-1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        P.model_replacement(torch.tensor([math.nan]), scale=4.0)
+
+
+# --------------------------------------------------------------------------- Neurotoxin
+
+
+@pytest.mark.parametrize(("d", "top_k", "excluded"), [(10, 0.05, 1), (10, 0.1, 1),
+                                                      (10, 0.25, 3), (200, 0.05, 10),
+                                                      (7, 0.0, 0)])
+def test_neurotoxin_mask_excludes_the_top_k_benign_coordinates(d: int, top_k: float,
+                                                               excluded: int) -> None:
+    benign = torch.randn(d, generator=make_generator(d), dtype=torch.float64)
+    mask = P.neurotoxin_mask(benign, top_k=top_k)
+    assert mask.dtype == torch.bool and int((~mask).sum()) == excluded == math.ceil(top_k * d)
+    if excluded:  # every excluded |b_j| is at least every kept one
+        assert float(benign.abs()[~mask].min()) >= float(benign.abs()[mask].max())
+
+
+def test_neurotoxin_mask_breaks_ties_by_index() -> None:
+    mask = P.neurotoxin_mask(torch.tensor([1.0, -2.0, 2.0, 2.0, 0.0]), top_k=0.4)
+    assert mask.tolist() == [True, False, False, True, True]
+
+
+def test_neurotoxin_projects_off_the_coordinates_benign_clients_use_most() -> None:
+    g = make_generator(1)
+    d = 500
+    benign = torch.randn(d, generator=g, dtype=torch.float64)
+    update = torch.randn(d, generator=g, dtype=torch.float64)
+    sent = P.neurotoxin(update, benign, top_k=0.1)
+    mask = P.neurotoxin_mask(benign, top_k=0.1)
+    assert torch.equal(sent[mask], update[mask])
+    assert bool((sent[~mask] == 0).all())
+    # durability: benign rounds that rewrite the coordinates they use (here: reset them)
+    # erase the plain backdoor's part there, and nothing of Neurotoxin's
+    def benign_rounds(w: Tensor) -> Tensor:
+        return torch.where(mask, w, torch.zeros_like(w))
+
+    assert torch.equal(benign_rounds(sent), sent)
+    lost = torch.linalg.vector_norm(update - benign_rounds(update))
+    assert float(lost) > 0.2 * float(torch.linalg.vector_norm(update))
+
+
+def test_neurotoxin_without_history_sends_the_update_and_keeps_dtype() -> None:
+    update = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float32)
+    sent = P.neurotoxin(update, None)
+    assert torch.equal(sent, update) and sent is not update
+    out = P.neurotoxin(update, torch.tensor([0.0, 9.0, 0.0], dtype=torch.float64), top_k=0.3)
+    assert out.dtype == torch.float32 and out.tolist() == [1.0, 0.0, 3.0]
+
+
+def test_neurotoxin_checks_its_inputs() -> None:
+    u = torch.ones(4)
+    with pytest.raises(ValueError, match=r"update's shape \(4,\), got \(3,\)"):
+        P.neurotoxin(u, torch.ones(3))
+    for bad in (1.0, -0.1, math.nan, True):
+        with pytest.raises(ValueError, match="top_k must be a fraction"):
+            P.neurotoxin(u, torch.ones(4), top_k=bad)
+    with pytest.raises(ValueError, match="NaN"):
+        P.neurotoxin(u, torch.tensor([1.0, math.nan, 0.0, 0.0]))
+    with pytest.raises(ValueError, match=r"\(d,\)"):
+        P.neurotoxin(torch.ones(2, 2), torch.ones(2, 2))

@@ -18,9 +18,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from deploy import connection
 from deploy.certs import DEFAULT_HOSTS, CertBundle, main, make_node_keypair, write_bundle
 from deploy.connection import write_connection
-from deploy.federation import format_node_config
+from deploy.federation import Federation, format_node_config
+from deploy.files import write_file
 
 
 def _some(path: Path | None) -> Path:
@@ -124,6 +126,104 @@ def test_existing_key_material_is_never_overwritten(
     assert (tmp_path / "ca.crt").read_bytes() != before["ca.crt"]
 
 
+@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("name", ["ca.key", "server.key", "node-0", "ca.crt"])
+def test_a_symlink_where_a_file_goes_is_refused_even_with_force(
+    tmp_path: Path, name: str, force: bool
+) -> None:
+    out, elsewhere = tmp_path / "certs", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / name).symlink_to(elsewhere / "stolen")  # dangling: the target does not exist
+    with pytest.raises(FileExistsError, match=f"symbolic links at {name}"):
+        write_bundle(out, nodes=1, days=1, overwrite=force)
+    assert list(elsewhere.iterdir()) == []  # nothing written through the link
+    assert [p.name for p in out.iterdir()] == [name]  # nor anything else
+    (elsewhere / "stolen").write_bytes(b"victim")  # a link to an existing file: same
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        write_bundle(out, nodes=1, days=1, overwrite=force)
+    assert (elsewhere / "stolen").read_bytes() == b"victim"
+
+
+def test_the_cli_refuses_a_symlink_and_overwrites_only_with_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--out", str(tmp_path), "--nodes", "1", "--days", "1"]) == 0
+    key = (tmp_path / "node-0").read_bytes()
+    assert main(["--out", str(tmp_path), "--nodes", "1", "--days", "1"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (tmp_path / "node-0").read_bytes() == key
+    assert main(["--out", str(tmp_path), "--nodes", "1", "--days", "1", "--force"]) == 0
+    assert (tmp_path / "node-0").read_bytes() != key
+    assert stat.S_IMODE((tmp_path / "node-0").stat().st_mode) == 0o600
+    (tmp_path / "server.key").unlink()
+    (tmp_path / "server.key").symlink_to(tmp_path / "nowhere")
+    assert main(["--out", str(tmp_path), "--days", "1", "--force"]) == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_write_file_creates_exclusively_and_replaces_only_with_force(tmp_path: Path) -> None:
+    path = write_file(tmp_path / "k", b"one", private=True)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        write_file(path, b"two", private=True)
+    assert path.read_bytes() == b"one"
+    write_file(path, b"two", private=True, force=True)
+    assert path.read_bytes() == b"two"
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(FileExistsError, match="not a regular file"):
+        write_file(tmp_path / "dir", b"x", private=False, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "k"]  # no temporaries
+
+
+def test_connection_refuses_a_symlinked_config_and_keeps_an_owner_only_one(
+    tmp_path: Path,
+) -> None:
+    real = tmp_path / "dotfiles.toml"
+    real.write_text("")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").symlink_to(real)
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        write_connection(home, "lab", "h:1", root_certificates=None, insecure=True)
+    assert real.read_text() == ""
+    (home / "config.toml").unlink()
+    (home / "config.toml").write_text("")
+    (home / "config.toml").chmod(0o600)
+    write_connection(home, "lab", "h:1", root_certificates=None, insecure=True)
+    assert stat.S_IMODE((home / "config.toml").stat().st_mode) == 0o600
+    assert connection.main(["--flwr-home", str(home), "--name", "lab", "--address", "h:2",
+                            "--insecure"]) == 2
+    assert connection.main(["--flwr-home", str(home), "--name", "lab", "--address", "h:2",
+                            "--insecure", "--force"]) == 0
+
+
+def test_a_federation_never_replaces_earlier_keys_without_force(tmp_path: Path) -> None:
+    first = Federation(tmp_path, num_nodes=1)
+    assert first.certs is not None and first.certs.ca_key is not None
+    key = first.certs.ca_key.read_bytes()
+    with pytest.raises(FileExistsError, match="earlier federation's keys: pass --force"):
+        Federation(tmp_path, num_nodes=1)
+    assert first.certs.ca_key.read_bytes() == key
+    Federation(tmp_path, num_nodes=1, force=True)
+    assert first.certs.ca_key.read_bytes() != key
+
+
+def test_fault_drills_refuse_a_workdir_with_earlier_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deploy import faults
+
+    (tmp_path / "out-resume").mkdir()
+    (tmp_path / "out-resume" / "metrics.jsonl").write_text('{"round": 0}\n')
+    assert faults.main(["--workdir", str(tmp_path), "--drill", "resume"]) == 2
+    err = capsys.readouterr().err
+    assert "out-resume" in err and "--force" in err
+    assert (tmp_path / "out-resume" / "metrics.jsonl").exists()
+    assert not (tmp_path / "federation").exists()  # nothing started
+
+
 @pytest.mark.parametrize("host", ["https://x.org", "x.org:9093", "a b", ""])
 def test_malformed_hosts_are_refused(tmp_path: Path, host: str) -> None:
     with pytest.raises(ValueError, match="host"):
@@ -162,7 +262,12 @@ def test_connection_is_what_flower_parses_and_keeps_others(bundle: CertBundle, t
     assert conn.address == "127.0.0.1:9093"
     assert conn.root_certificates == str(_some(bundle.ca_cert).resolve())
     assert conn.insecure is False
-    write_connection(tmp_path, "lab", "127.0.0.1:9094", root_certificates=None, insecure=True)
+    with pytest.raises(FileExistsError, match="connection 'lab' with other settings.*--force"):
+        write_connection(tmp_path, "lab", "127.0.0.1:9094", root_certificates=None,
+                         insecure=True)
+    assert tomllib.loads(path.read_text()) == config
+    write_connection(tmp_path, "lab", "127.0.0.1:9094", root_certificates=None, insecure=True,
+                     force=True)
     config = tomllib.loads(path.read_text())
     assert config["superlink"]["default"] == "lab"
     assert parse_superlink_connection(config["superlink"]["lab"], "lab").insecure is True

@@ -64,7 +64,11 @@ def test_mean_of_updates_equals_weighted_mean_of_weights() -> None:
         (lambda: _reply(9, torch.full((2, 3), float("nan")), torch.zeros(3)), "NaN or Inf"),
         (lambda: _reply(9, torch.full((2, 3), float("inf")), torch.zeros(3)), "NaN or Inf"),
         (lambda: _reply(9, torch.zeros(3, 2), torch.zeros(3)), "has shape (3, 2)"),
-        (lambda: _reply(9, torch.zeros(2, 3, dtype=torch.int64), torch.zeros(3)), "floating dtype"),
+        (lambda: _reply(9, torch.zeros(2, 3, dtype=torch.int64), torch.zeros(3)),
+         "dtype torch.int64, expected torch.float32"),
+        # float64 for a float32 parameter: values beyond float32's range would make it Inf
+        (lambda: _reply(9, torch.full((2, 3), 1e300, dtype=torch.float64), torch.zeros(3)),
+         "dtype torch.float64, expected torch.float32"),
         (lambda: ClientReply(9, {"w": torch.zeros(2, 3)}, 5.0), "missing arrays ['b']"),
         (lambda: ClientReply(9, {**SPEC_STATE, "x": torch.zeros(1)}, 5.0), "unexpected arrays"),
         (lambda: ClientReply(9, {**SPEC_STATE, "n": torch.zeros(1, dtype=torch.int64)}, 5.0),

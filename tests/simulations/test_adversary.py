@@ -112,11 +112,11 @@ def test_bad_attack_configs_are_refused(override: str, error: type, match: str) 
 
 # Every attack a run config can name, by where it acts. Adding or renaming an attack must
 # update these sets: the test then checks the new attack is wired where it belongs.
-OMNISCIENT = {"alie", "fang_krum", "fang_trimmed_mean", "gaussian_noise", "ipm", "mimic",
+OMNISCIENT = {"alie", "alie_adaptive", "ipm_adaptive", "fang_krum", "fang_trimmed_mean", "gaussian_noise", "ipm", "mimic",
               "min_max", "min_sum", "scaling", "sign_flip_mean"}
 CLIENT_SIDE = {"gaussian", "sign_flip", "inflate_examples", "label_flip", "backdoor", "dba"}
 BACKDOORS = {"backdoor", "dba"}
-DEFENSE_AWARE = {"fang_krum"}
+DEFENSE_AWARE = {"fang_krum", "alie_adaptive", "ipm_adaptive"}
 
 
 def test_every_attack_name_builds_and_defense_aware_ones_get_the_aggregator() -> None:

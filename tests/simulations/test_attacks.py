@@ -16,9 +16,10 @@ from aggregation.registry import make_generator
 from simulations import attacks as A
 
 EXPECTED = {
-    "alie", "fang_krum", "fang_trimmed_mean", "gaussian_noise", "ipm", "mimic", "min_max",
-    "min_sum", "scaling", "sign_flip_mean",
+    "alie", "alie_adaptive", "fang_krum", "fang_trimmed_mean", "gaussian_noise", "ipm",
+    "ipm_adaptive", "mimic", "min_max", "min_sum", "scaling", "sign_flip_mean",
 }
+DEFENSE_AWARE = ["alie_adaptive", "fang_krum", "ipm_adaptive"]
 RANDOM = {"gaussian_noise", "fang_trimmed_mean"}
 
 
@@ -73,7 +74,7 @@ def call(attack: A.Attack, honest: Tensor, f: int, seed: int = 0) -> Tensor:
 def test_registry_names() -> None:
     assert set(A.attack_names()) == EXPECTED
     assert A.attack_names() == sorted(A.attack_names())
-    assert [n for n in EXPECTED if A.get_attack(n).needs_aggregator] == ["fang_krum"]
+    assert sorted(n for n in EXPECTED if A.get_attack(n).needs_aggregator) == DEFENSE_AWARE
 
 
 def test_unknown_name_and_parameter() -> None:
@@ -98,6 +99,11 @@ def test_unknown_name_and_parameter() -> None:
         ("fang_trimmed_mean", {"b": 1.0}),
         ("fang_krum", {"epsilon": -1.0}),
         ("fang_krum", {"stop_threshold": 0.0}),
+        ("alie_adaptive", {"low": 0.0}),
+        ("alie_adaptive", {"low": 2.0, "high": 1.0}),
+        ("alie_adaptive", {"grid": 1}),
+        ("ipm_adaptive", {"refine": -1}),
+        ("ipm_adaptive", {"high": math.inf}),
     ],
 )
 def test_bad_parameter_values(name: str, params: dict[str, Any]) -> None:
@@ -455,3 +461,144 @@ def test_client_and_omniscient_attack_names_are_disjoint() -> None:
     assert client & set(A.ATTACKS) == set()
     assert {"sign_flip", "gaussian"} <= client
     assert {"sign_flip_mean", "gaussian_noise"} <= set(A.ATTACKS)
+
+
+# --------------------------------------------------------------------------- adaptive ALIE / IPM
+
+ADAPTIVE = {"alie_adaptive": ("alie", "z"), "ipm_adaptive": ("ipm", "epsilon")}
+
+
+def defenses(f: int) -> list[tuple[str, dict[str, Any]]]:
+    return [("mean", {}), ("median", {}), ("trimmed_mean", {"f": f}), ("krum", {"f": f}),
+            ("multi_krum", {"f": f}), ("bulyan", {"f": f}), ("geometric_median", {}),
+            ("centered_clipping", {"tau": 1.0}), ("flame", {}), ("dnc", {"f": f}),
+            ("signguard", {})]
+
+
+def defended_distance(agg: Any, honest: Tensor, malicious: Tensor, seed: int) -> float:
+    """How far the defense moves the aggregate from the honest mean, evaluated with the
+    generator the search derives from the attack's generator of ``seed``."""
+    gen = make_generator(A._int_seed(make_generator(seed)))
+    out = agg(torch.cat([honest, malicious]), None, generator=gen)
+    return float(torch.linalg.vector_norm(out.update.double() - honest.double().mean(dim=0)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("defense", [name for name, _ in defenses(3)])
+@pytest.mark.parametrize("adaptive", sorted(ADAPTIVE))
+def test_adaptive_moves_the_defended_aggregate_at_least_as_far_as_the_fixed_attack(
+        adaptive: str, defense: str, seed: int) -> None:
+    f = 3
+    honest = noisy_honest(h=16, d=60, seed=seed)
+    agg = aggregation.get(defense, **dict(defenses(f))[defense])
+    fixed_name, _ = ADAPTIVE[adaptive]
+    gen = make_generator(seed)
+    fixed = A.get_attack(fixed_name)(honest, f=f, generator=gen)
+    crafted = A.get_attack(adaptive)(honest, f=f, generator=make_generator(seed),
+                                     aggregator=agg)
+    ours = defended_distance(agg, honest, crafted, seed)
+    theirs = defended_distance(agg, honest, fixed, seed)
+    assert ours >= theirs * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("defense", ["mean", "median", "trimmed_mean", "krum"])
+def test_adaptive_ipm_and_alie_beat_the_default_strength_on_plain_rules(defense: str) -> None:
+    """Against rules that do not filter, a stronger attack moves them farther than the
+    fixed defaults (ipm's epsilon = 0.1, alie's z_max); the search finds it."""
+    f = 3
+    honest = noisy_honest(h=16, d=60, seed=0)
+    agg = aggregation.get(defense, **dict(defenses(f))[defense])
+    for adaptive in ADAPTIVE:
+        fixed_name, _ = ADAPTIVE[adaptive]
+        fixed = A.get_attack(fixed_name)(honest, f=f, generator=make_generator(0))
+        crafted = A.get_attack(adaptive)(honest, f=f, generator=make_generator(0),
+                                         aggregator=agg)
+        assert defended_distance(agg, honest, crafted, 0) > 1.2 * defended_distance(
+            agg, honest, fixed, 0), adaptive
+
+
+def test_adaptive_output_is_the_fixed_attack_at_the_chosen_strength() -> None:
+    honest = noisy_honest(h=12, d=20, seed=3)
+    agg = aggregation.get("median")
+    res = A.alie_search(honest, 3, aggregator=agg, generator=make_generator(0))
+    torch.testing.assert_close(res.malicious, A.alie(honest, 3, z=res.strength))
+    # the paper's z_max was among the candidates, with its distance
+    tried = dict(res.tried)
+    assert A.alie_z_max(15, 3) in tried
+    assert res.distance == max(tried.values())
+    ties = [s for s, d in res.tried if d == res.distance]
+    assert res.strength == min(ties)  # ties go to the smallest strength
+    res = A.ipm_search(honest, 3, aggregator=agg, generator=make_generator(0))
+    torch.testing.assert_close(res.malicious, A.ipm(honest, 3, epsilon=res.strength))
+    assert 0.1 in dict(res.tried)
+    assert len(res.tried) == 1 + 9 + 8  # the default, the grid, the refinements
+
+
+def peaked(peak: float) -> Any:
+    """A fake defense whose distance from the honest mean is a known function of IPM's
+    epsilon (read back from the last row): exp(-log(eps / peak)^2), largest at ``peak``."""
+
+    def agg(updates: Tensor, weights: Tensor | None = None, *,
+            generator: torch.Generator | None = None) -> SimpleNamespace:
+        honest = updates[:-3]
+        mu = honest.mean(dim=0)
+        eps = float(-(updates[-1] @ mu) / (mu @ mu))
+        bump = math.exp(-math.log(eps / peak) ** 2)
+        return SimpleNamespace(update=mu + bump * mu / mu.norm(), kept=torch.arange(3))
+
+    return agg
+
+
+@pytest.mark.parametrize("peak", [0.02, 0.37, 3.7, 55.0])
+def test_strength_search_finds_the_peak_of_a_known_objective(peak: float) -> None:
+    honest = noisy_honest(h=10, d=8, seed=1)
+    res = A.ipm_search(honest, 3, aggregator=peaked(peak), generator=make_generator(0))
+    assert abs(math.log(res.strength / peak)) < math.log(1.2)
+    assert res.distance == pytest.approx(math.exp(-math.log(res.strength / peak) ** 2))
+
+
+def test_strength_search_skips_refused_candidates_and_raises_if_all_are() -> None:
+    honest = noisy_honest(h=10, d=8, seed=1)
+    inner = peaked(3.7)
+
+    def refuses_large(updates: Tensor, weights: Tensor | None = None, *,
+                      generator: torch.Generator | None = None) -> SimpleNamespace:
+        mu = updates[:-3].mean(dim=0)
+        if float(-(updates[-1] @ mu) / (mu @ mu)) > 1.0:
+            raise ValueError("refused")
+        out: SimpleNamespace = inner(updates, weights, generator=generator)
+        return out
+
+    res = A.ipm_search(honest, 3, aggregator=refuses_large, generator=make_generator(0))
+    assert res.strength <= 1.0
+    assert any(math.isnan(d) for _, d in res.tried)
+
+    def refuses_all(updates: Tensor, weights: Tensor | None = None, *,
+                    generator: torch.Generator | None = None) -> SimpleNamespace:
+        raise ValueError("krum needs n >= 2f + 3")
+
+    with pytest.raises(ValueError, match="krum needs"):
+        A.get_attack("ipm_adaptive")(honest, f=3, generator=make_generator(0),
+                                     aggregator=refuses_all)
+
+
+def test_random_defenses_see_one_generator_for_every_candidate() -> None:
+    """Each evaluation gets a fresh generator of the same seed, so FLAME's noise is the
+    same for every candidate and only the strength differs."""
+    seeds: list[int] = []
+
+    def spy(updates: Tensor, weights: Tensor | None = None, *,
+            generator: torch.Generator | None = None) -> SimpleNamespace:
+        assert generator is not None
+        seeds.append(int(torch.randint(0, 2**31, (1,), generator=generator)))
+        return SimpleNamespace(update=updates.mean(dim=0), kept=torch.arange(3))
+
+    A.get_attack("alie_adaptive")(honest_stack(), f=3, generator=make_generator(0),
+                                  aggregator=spy)
+    assert len(seeds) == 18 and len(set(seeds)) == 1
+
+
+def test_alie_adaptive_needs_two_honest() -> None:
+    with pytest.raises(ValueError, match="alie_adaptive: needs h >= 2"):
+        A.get_attack("alie_adaptive")(torch.ones(1, 3), f=1, generator=make_generator(0),
+                                      aggregator=reference_krum(1))

@@ -409,3 +409,14 @@ def test_hub_conversion_of_hf_splits(no_cache: Path, monkeypatch: pytest.MonkeyP
     assert d.y_train.tolist() == labels
     expected = torch.from_numpy(rgb.transpose(0, 3, 1, 2).astype(np.float32) / 255)
     assert torch.equal(d.x_train, expected)
+
+
+@pytest.mark.parametrize("labels", [[0, 1, 2, 10**6], [0, 7, 90_000, 1]])
+def test_labels_cannot_size_the_model_beyond_what_they_mean(
+    tmp_path: Path, labels: list[int]
+) -> None:
+    path = tmp_path / "bad.npz"
+    x = np.zeros((4, 3), dtype=np.float32)
+    np.savez(path, x_train=x, y_train=np.array(labels), x_test=x, y_test=np.array(labels))
+    with pytest.raises(ValueError, match="Relabel the classes to 0..K-1"):
+        load_dataset(f"npz:{path}")

@@ -30,7 +30,9 @@ from simulations.audit.evasion import EVASION_ATTACKS
 from simulations.engine import validate
 from simulations.scenario import parse_entry  # the bench's entry parser
 
-NUM_CLIENTS, NUM_MALICIOUS = 10, 3
+# 20 clients: enough for every rule with f=3 (Bulyan needs n >= 4f + 3 = 15), which the
+# engine now checks before round 1
+NUM_CLIENTS, NUM_MALICIOUS = 20, 3
 
 # Values for hyperparameters that have no default. The run config gives rules and steps
 # ``f`` (= num-malicious), so it needs no value here. A component with another required

@@ -89,8 +89,8 @@ def test_poisoned_metrics_are_rejected_not_a_crash(tmp_path: Path) -> None:
     assert rows[-1]["num-kept"] == 3 and not rows[-1]["skipped"]
     audit = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
     reasons = " | ".join(r["reason"] for r in audit[0]["rejected"])
-    assert "'partition-id' must be finite" in reasons
-    assert "'num-partitions' must be finite" in reasons
+    assert "'partition-id' must be a finite number" in reasons
+    assert "'num-partitions' must be a finite number" in reasons
     assert "'dp-epsilon' must be a number" in reasons
 
 
@@ -101,9 +101,27 @@ def test_no_detection_scores_before_the_attack_starts() -> None:
     assert "detection-recall" in rows[3] and rows[3]["attack-mounted"] == 1.0
 
 
-def test_cli_exits_nonzero_when_every_round_was_skipped(
+def test_cli_refuses_a_defense_that_cannot_run_before_round_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = main(["run", "--out", str(tmp_path), *BASE, "aggregator=krum", "aggregator-params=f=1"])
-    assert code == 1
-    assert "every round was skipped" in capsys.readouterr().err
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot run with n=" in err and "krum" in err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_cli_exits_nonzero_when_every_round_was_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # settings are checked before round 1, so only run-time causes remain (e.g. every node
+    # lost in a deployment): stand in for such a run
+    import simulations.cli as cli
+
+    def skipped_run(cfg: object, out: Path, *, quiet: bool = False) -> list[dict[str, object]]:
+        return [{"round": 0, "accuracy": 0.1, "skipped": False},
+                {"round": 1, "accuracy": 0.1, "skipped": True, "skipped_reason": "nodes lost"}]
+
+    monkeypatch.setattr(cli, "run_one", skipped_run)
+    assert main(["run", "--out", str(tmp_path), *BASE]) == 1
+    assert "every round was skipped: nodes lost" in capsys.readouterr().err
