@@ -8,8 +8,9 @@ sorts each column's ``n`` values in a small transposed block; :func:`pairwise_sq
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -238,9 +239,14 @@ def row_norms(v: Tensor) -> Tensor:
     return torch.where(torch.isfinite(peak), scaled, peak)
 
 
-# Entries of one block of sorted_column_map (1 MiB of float32: in cache while it is sorted
-# and reduced, and large enough that torch's own threads share the reduction).
-_BLOCK_ELEMENTS = 1 << 18
+# sorted_column_map copies and sorts pieces of _SORT_ELEMENTS entries (1 MiB of float32,
+# in a core's cache while it is sorted) and hands fn blocks of _MAP_ELEMENTS entries (so
+# that fn's torch operations are few and large, and torch's own threads share them).
+_SORT_ELEMENTS = 1 << 18
+_MAP_ELEMENTS = 1 << 22
+# Up to this many rows, a sorting network on whole rows beats sorting every column (it has
+# few comparators, each a vectorised minimum and maximum over contiguous memory).
+_NETWORK_MAX_ROWS = 24
 # The Gram matrix product runs as this many GEMMs over column chunks: large enough to run
 # at the GEMM's full speed, while the centred chunk costs only 1 / _GRAM_CHUNKS of the stack.
 _GRAM_CHUNKS = 4
@@ -248,27 +254,58 @@ _GRAM_CHUNKS = 4
 _NUMPY_SORTS = (torch.float16, torch.float32, torch.float64)
 
 
+@functools.cache
+def sorting_network(n: int) -> tuple[tuple[int, int], ...]:
+    """Batcher's odd-even merge sort on ``n`` wires: comparators ``(a, b)``, ``a < b``.
+
+    After every comparator puts the smaller of wires ``a`` and ``b`` on ``a``, the wires
+    are sorted. Built for the next power of two and pruned to the ``n`` real wires (the
+    missing ones act as ``+inf``, which no comparator moves down).
+    """
+    pairs: list[tuple[int, int]] = []
+    p = 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return tuple(pairs)
+
+
 def sorted_column_map(x: Tensor, fn: Callable[[Tensor], Tensor], *,
                       rows: Tensor | None = None) -> Tensor:
     """``fn`` applied to the sorted values of every column of ``x``, block by block.
 
     The columns of ``x`` ``(n, d)`` (or of ``x[rows]``) are cut into blocks of ``w``
-    columns; each block is copied transposed into a ``(w, n)`` buffer, so that every
-    column's ``n`` values are contiguous, sorted along its rows, and mapped by ``fn`` to
-    ``(w,)``. Nothing of size ``(n, d)`` is allocated: memory beyond ``x`` and the
-    ``(d,)`` result is one block. On CPU, float16/32/64 blocks are copied and sorted by
-    numpy (its vectorised sort is an order of magnitude faster than torch's CPU sort on
-    short rows), split over ``torch.get_num_threads()`` threads, which numpy runs without
-    the GIL; elsewhere with ``torch.sort``. ``fn`` runs on the calling thread (torch's
-    own threads then share it). The sorted values do not depend on the sort used, so
-    neither does the result.
+    columns whose values are sorted column by column and handed to ``fn`` as ``(w, n)``
+    (row ``j`` = column ``j`` of the block, ascending), which maps them to ``(w,)``.
+    Nothing of size ``(n, d)`` is allocated: memory beyond ``x`` and the ``(d,)`` result
+    is one block (at most 16 MiB of float32). How a block is sorted depends only on speed,
+    never on the result (the sorted values are the same):
+
+    - CPU, float16/32/64, ``n <= 24``: a sorting network (:func:`sorting_network`) on the
+      block's ``n`` rows, each comparator a numpy minimum and maximum over contiguous
+      memory;
+    - CPU, float16/32/64, more rows: each piece is copied transposed (each column's ``n``
+      values contiguous) and sorted by numpy, whose vectorised sort is an order of
+      magnitude faster than torch's CPU sort on short rows;
+    - otherwise ``torch.sort`` on the transposed block.
+
+    On CPU the pieces (about 1 MiB each, so they stay in cache) are spread over
+    ``torch.get_num_threads()`` threads, which numpy runs without the GIL; ``fn`` runs on
+    the calling thread, where torch's own threads share it.
 
     Parameters
     ----------
     x
         ``(n, d)``.
     fn
-        Maps a sorted ``(w, n)`` block (rows ascending) to ``(w,)`` in ``x``'s dtype.
+        Maps a sorted ``(w, n)`` block (rows ascending; possibly a transposed view) to
+        ``(w,)`` in ``x``'s dtype.
     rows
         ``(k,)`` int64 indices: use the columns of ``x[rows]`` (without copying ``x[rows]``).
 
@@ -280,10 +317,10 @@ def sorted_column_map(x: Tensor, fn: Callable[[Tensor], Tensor], *,
     src = x.detach()
     n = src.shape[0] if rows is None else int(rows.numel())
     d = src.shape[1]
-    width = max(1, min(d, _BLOCK_ELEMENTS // max(n, 1)))
-    buf = src.new_empty(width, n)
+    width = max(1, min(d, _MAP_ELEMENTS // max(n, 1)))
     out = src.new_empty(d)
     if not (src.device.type == "cpu" and src.dtype in _NUMPY_SORTS):
+        buf = src.new_empty(width, n)
         picked = None if rows is None else rows.to(src.device)
         for s in range(0, d, width):
             w = min(width, d - s)
@@ -291,29 +328,48 @@ def sorted_column_map(x: Tensor, fn: Callable[[Tensor], Tensor], *,
             block = torch.sort(buf[:w].copy_(values.T), dim=1).values
             out[s:s + w] = fn(block)
         return out
+    network = sorting_network(n) if n <= _NETWORK_MAX_ROWS else None
+    # the network sorts rows in place: an (n, width) block, handed to fn transposed
+    buf = src.new_empty(width, n) if network is None else src.new_empty(n, width)
     picked_np = None if rows is None else rows.cpu().numpy()
     src_np, buf_np = src.numpy(), buf.numpy()
+    piece = max(1, _SORT_ELEMENTS // max(n, 1))
 
-    def sort_part(s: int, a: int, b: int) -> None:  # block rows a:b = columns s + a:s + b
-        values = src_np[:, s + a:s + b]
-        part = buf_np[a:b]
-        np.copyto(part, (values if picked_np is None else values[picked_np]).T)
-        part.sort(axis=1)
+    def sort_pieces(s: int, starts: Sequence[int], w: int) -> None:
+        for a in starts:  # columns s + a:s + b of src, a:b of the block
+            b = min(a + piece, w)
+            values = src_np[:, s + a:s + b]
+            if picked_np is not None:
+                values = values[picked_np]
+            if network is None:
+                np.copyto(buf_np[a:b], values.T)
+                buf_np[a:b].sort(axis=1)
+                continue
+            target = buf_np[:, a:b]
+            np.copyto(target, values)
+            wires = list(target)
+            spare = np.empty_like(wires[0])
+            for lo, hi in network:
+                np.minimum(wires[lo], wires[hi], out=spare)
+                np.maximum(wires[lo], wires[hi], out=wires[hi])
+                wires[lo], spare = spare, wires[lo]
+            # the swaps left the sorted wires in other rows' (and the spare's) memory
+            np.copyto(target, np.stack(wires))
 
-    workers = max(1, min(torch.get_num_threads(), width))
+    workers = max(1, min(torch.get_num_threads(), -(-width // piece)))
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
         for s in range(0, d, width):
             w = min(width, d - s)
-            cuts = [w * k // workers for k in range(workers + 1)]
-            parts = [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+            starts = range(0, w, piece)
             if pool is None:
-                for a, b in parts:
-                    sort_part(s, a, b)
+                sort_pieces(s, starts, w)
             else:
-                for job in [pool.submit(sort_part, s, a, b) for a, b in parts]:
+                jobs = [pool.submit(sort_pieces, s, starts[k::workers], w)
+                        for k in range(workers)]
+                for job in jobs:
                     job.result()
-            out[s:s + w] = fn(buf[:w])
+            out[s:s + w] = fn(buf[:w] if network is None else buf[:, :w].T)
     finally:
         if pool is not None:
             pool.shutdown()

@@ -147,6 +147,11 @@ def test_run_finishes_and_model_improves(crash_run: CrashRun) -> None:
     assert not rounds[1]["skipped"] and not rounds[2]["skipped"]
     assert rounds[2]["accuracy"] > rounds[0]["accuracy"]
     assert rounds[2]["loss"] < rounds[0]["loss"]
+    # `flwr run --stream` in a deployment shows each round's line and the lost node
+    log = crash_run.result.log
+    for r in (1, 2):
+        assert f"round {r}: " in log and f"'accuracy': {rounds[r]['accuracy']}" in log, log[-4000:]
+    assert f"rejected node {crash_run.victim_id}" in log, log[-4000:]
 
 
 def test_killed_node_is_dropped_and_round_completes(crash_run: CrashRun) -> None:

@@ -101,3 +101,18 @@ def test_audit_inversion_leaks_without_defense_and_not_under_dp_sgd(tmp_path: Pa
     assert rows["none"] > 30.0
     assert rows["dp_sgd"] < 10.0
     assert (tmp_path / "inversion_idlg.png").stat().st_size > 1000
+
+
+def test_cli_path_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from simulations.cli import main
+
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    assert main(["run", "--config", str(folder), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a folder: name a TOML file" in err
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    assert main(["run", "--out", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file: name a folder" in err
