@@ -67,6 +67,8 @@ def check_inputs(rule: str, updates: object,
                  weights: object | None) -> tuple[Tensor, Tensor | None]:
     """Validate an ``(n, d)`` update stack and optional ``(n,)`` weights.
 
+    Inside :func:`checked` for these very tensors, returns them without checking again.
+
     Parameters
     ----------
     rule
@@ -91,6 +93,12 @@ def check_inputs(rule: str, updates: object,
     done = _CHECKED.get()
     if done is not None and updates is done[0] and (weights is None or weights is done[1]):
         return done[0], None if weights is None else done[1]
+    return _validate(rule, updates, weights)
+
+
+def _validate(rule: str, updates: object,
+              weights: object | None) -> tuple[Tensor, Tensor | None]:
+    """The checks of :func:`check_inputs`, always run."""
     if not isinstance(updates, Tensor):
         raise ValueError(
             f"{rule}: updates must be a torch.Tensor of shape (n, d), "

@@ -389,7 +389,7 @@ def bulyan(updates: Tensor, weights: Tensor | None = None, *, f: int) -> Aggrega
        candidate has ``|R| - f - 1 >= k`` honest others. So every pick, like Krum's, lies
        within ``sqrt(n - f - 2)`` honest diameters of an honest update. (A neighbourhood
        shrunk to 1 would let two colluding identical Byzantine updates score 0.)
-       Distances are computed once.
+       Distances are computed once, and each row's sorted once.
     2. Aggregation: for every coordinate ``k``, keep the ``beta = theta - 2f`` values of
        ``{x_ik : i in S}`` closest to their median and average them:
 
@@ -440,17 +440,26 @@ def bulyan(updates: Tensor, weights: Tensor | None = None, *, f: int) -> Aggrega
     beta = theta - 2 * f
     dist = pairwise_sq_distances(updates, f)
     first_scores = krum_scores(dist, n - f - 2)
+    # each row's distances to the others, ascending, sorted once: a Krum score within the
+    # remaining set is then the sum of a row's first k entries that are still remaining
+    others = dist.clone().fill_diagonal_(math.inf)
+    nearest, neighbour = others.sort(dim=1)  # (n, n)
+    rows = torch.arange(n, device=updates.device)
+    rank = torch.empty_like(neighbour)
+    rank.scatter_(1, neighbour, rows.expand(n, n).contiguous())  # rank[i, neighbour[i, j]] = j
+    alive = neighbour != rows[:, None]  # (n, n) remaining others, in each row's order
     remaining = torch.ones(n, dtype=torch.bool, device=updates.device)
     order: list[int] = []
     for t in range(theta):
         n_t = n - t
         k = max(n_t - f - 2, f)  # <= n_t - 1 since n_t >= 2f + 1
         gone = ~remaining
-        sub = dist.masked_fill(gone[None, :], math.inf)  # (n, n), removed columns out
-        scores = krum_scores(sub, k)
-        totals = dist.masked_fill(gone[None, :], 0.0).sum(dim=1)
+        within = torch.where(alive, nearest, 0.0)  # (n, n)
+        scores = torch.where(alive.cumsum(dim=1, dtype=torch.int32) <= k, within, 0.0).sum(dim=1)
+        totals = within.sum(dim=1)
         pick = int(lex_order(scores.masked_fill(gone, math.inf),
                              totals.masked_fill(gone, math.inf))[0])
+        alive[rows, rank[:, pick]] = False
         remaining[pick] = False
         order.append(pick)
     chosen = torch.tensor(order, dtype=torch.long, device=updates.device)

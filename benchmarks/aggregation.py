@@ -243,6 +243,11 @@ def norm_seconds(d: int) -> float:
     return best
 
 
+def _bound(impl: Impl, data: Any, counts: torch.Tensor, f: int) -> Callable[[], object]:
+    """One call of ``impl`` on ``data`` (holding the input only while the caller does)."""
+    return lambda: impl.run(data, counts, f)
+
+
 def best_time(fn: Callable[[], object], repeats: int, long_call: float = 20.0) -> float:
     """Best wall time of ``repeats`` calls (a single call when one takes over ``long_call``)."""
     best = math.inf
@@ -366,10 +371,12 @@ def _fmt_s(t: float | None, estimated: bool = False) -> str:
 
 
 def run_grid(rules: Sequence[str], ns: Sequence[int], ds: Sequence[int], repeats: int,
-             cap: float, memory: bool, bandwidth: float, rows_out: list[dict[str, Any]]) -> None:
+             cap: float, memory: Sequence[str], bandwidth: float,
+             rows_out: list[dict[str, Any]]) -> None:
+    """Time every rule and implementation per (n, d) cell; probe the memory of ``memory``."""
     header = (f"| {'rule':12} | {'n':>4} | {'d':>5} | {'fedshield s':>11} | {'flower s':>9} | "
-              f"{'legacy s':>9} | {'ratio':>6} | {'peak/stack ours':>15} | "
-              f"{'flower':>6} | {'legacy':>6} | {'bw bound':>8} |")
+              f"{'legacy s':>9} | {'ratio':>7} | {'peak/stack ours':>15} | "
+              f"{'flower':>6} | {'legacy':>6} | {'bw bound':>8} | {'load':>4} |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|", flush=True)
     for n in ns:
@@ -388,7 +395,8 @@ def run_grid(rules: Sequence[str], ns: Sequence[int], ds: Sequence[int], repeats
             for rule in rules:
                 if rule == "bulyan" and n < 4 * f + 3:
                     continue
-                row: dict[str, Any] = {"rule": rule, "n": n, "d": d, "f": f}
+                row: dict[str, Any] = {"rule": rule, "n": n, "d": d, "f": f,
+                                       "load": os.getloadavg()[0]}
                 for impl in implementations(rule):
                     # this process holds the tensor, plus Flower's serialised contents
                     held = stack * (2 if impl.inputs == "contents" else 1)
@@ -401,10 +409,8 @@ def run_grid(rules: Sequence[str], ns: Sequence[int], ds: Sequence[int], repeats
                         if est > cap:
                             row[impl.label] = {"seconds": est, "estimated": True}
                             continue
-                    data = build_input(impl, x, counts)
-                    secs = best_time(lambda impl=impl, data=data: impl.run(data, counts, f),
+                    secs = best_time(_bound(impl, build_input(impl, x, counts), counts, f),
                                      repeats)
-                    del data
                     row[impl.label] = {"seconds": secs, "estimated": False}
                 ours = row["fedshield"]["seconds"]
                 same = [row[i.label]["seconds"] for i in implementations(rule)[1:]
@@ -415,10 +421,11 @@ def run_grid(rules: Sequence[str], ns: Sequence[int], ds: Sequence[int], repeats
                 row["ratio_any_flower"] = min(anyf) / ours if anyf else None
                 row["bandwidth_fraction"] = stack / bandwidth / ours
                 cell.append(row)
-            del x, counts
+            del x
             for row in cell:  # each probe alone in its own process, this one holding no stack
                 for label, entry in row.items():
-                    if memory and isinstance(entry, dict) and entry.get("estimated") is False:
+                    if label in memory and isinstance(entry, dict) and \
+                            entry.get("estimated") is False:
                         peak = measure_peak(label, row["rule"], n, d)
                         if peak is not None:
                             entry["peak_over_stack"] = (stack + peak) / stack
@@ -445,13 +452,14 @@ def _print_row(row: dict[str, Any]) -> None:
     text = "-" if ratio is None else f"{ratio:.1f}x{flag}"
     print(f"| {row['rule']:12} | {row['n']:>4} | {row['d']:>5.0e} | "
           f"{_cell(row['fedshield']):>11} | {_cell(row['flower']):>9} | "
-          f"{_cell(row['flower-legacy']):>9} | {text:>6} | {_peak(row['fedshield']):>15} | "
+          f"{_cell(row['flower-legacy']):>9} | {text:>7} | {_peak(row['fedshield']):>15} | "
           f"{_peak(row['flower']):>6} | {_peak(row['flower-legacy']):>6} | "
-          f"{100 * row['bandwidth_fraction']:>7.1f}% |", flush=True)
+          f"{100 * row['bandwidth_fraction']:>7.1f}% | {row['load']:>4.1f} |", flush=True)
 
 
 def run_server(rules: Sequence[str], n: int, d: int, repeats: int, memory: bool,
                rows_out: list[dict[str, Any]]) -> None:
+    """Time the server's aggregation path stage by stage; probe its memory if asked."""
     fx = server_fixture(n, d)
     f = n // 10
     print(f"\nServer path at n={n}, d={d:.0e} (ArrayRecord -> decode_train_reply -> "
@@ -495,14 +503,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         probe(kind, rule, int(n), int(float(d)))
         return 0
     ns, ds, repeats, cap = args.n, [int(d) for d in args.d], args.repeats, args.cap
-    server_n, server_d = 100, 1_000_000
-    memory = not args.no_memory
+    server_n, server_d, server_rules = 100, 1_000_000, [r for r in args.rules if r != "mean"]
+    memory = [] if args.no_memory else ["fedshield", "flower", "flower-legacy"]
+    server_memory = not args.no_memory
     if args.quick:
         ns, ds, repeats, cap = [100], [100_000], 2, 5.0
-        server_n, server_d = 100, 100_000
+        memory = memory[:1]
+        server_n, server_d, server_rules, server_memory = 100, 100_000, ["krum"], False
     rows: list[dict[str, Any]] = []
     bandwidth = copy_bandwidth()
-    print(f"Machine: {machine()}")
+    print(f"Machine: {machine()}; load average {os.getloadavg()[0]:.1f} at the start "
+          "(the 'load' column: when each row was timed)")
     print(f"Copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write, best of 5 copies of "
           "1 GiB); 'bw bound' = (stack bytes / bandwidth) / fedshield's time")
     print(f"Best of {repeats} calls, float32, f = n // 10; ratio = Flower's fastest "
@@ -512,8 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           "n/f = does not fit in memory\n")
     run_grid(args.rules, ns, ds, repeats, cap, memory, bandwidth, rows)
     if not args.no_server:
-        run_server([r for r in args.rules if r != "mean"], server_n, server_d, repeats, memory,
-                   rows)
+        run_server(server_rules, server_n, server_d, repeats, server_memory, rows)
     bulyan_rows = [r for r in rows if r.get("rule") == "bulyan" and r.get("ratio_any_flower")]
     if bulyan_rows:
         print("\nFlower's current Bulyan picks its theta updates at once by Multi-Krum score, "

@@ -15,7 +15,7 @@ import scipy.stats
 import torch
 
 import aggregation
-from aggregation import rules
+from aggregation import _checks, rules
 
 from ._cases import gen
 
@@ -260,3 +260,136 @@ def test_krum_is_exact_on_small_updates_where_flower_full_weight_distances_fail(
 
     on_weights = rules.krum(torch.from_numpy(weights32), f=f)
     assert on_weights.kept.tolist() == [truth]
+
+
+def test_krum_keeps_its_precision_when_the_centring_rows_hold_every_byzantine() -> None:
+    """Distances are centred on the median of the first 2f + 1 rows. Put the f Byzantine
+    updates first, 1e3 away from honest updates of scale 1e-5, all on full float32 weights
+    of scale 1: at most f of those 2f + 1 rows are Byzantine, so the centre stays among the
+    honest updates and Krum still picks the client the float64 brute force picks (a centre
+    on a Byzantine row loses every digit of the honest distances)."""
+    n, f, d = 11, 3, 3000
+    g = gen(701)
+    base = torch.randn(d, generator=g, dtype=torch.float64)
+    updates = 1e-5 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    updates[:f] += 1e3
+    updates[f + 2] += 1e-5 * 4.0
+    truth = _brute_krum_order(updates.numpy(), list(range(n)), f)[0]
+    weights32 = (base + updates).float()
+    assert rules.krum(weights32, f=f).kept.tolist() == [truth]
+    assert rules.krum(updates.float(), f=f).kept.tolist() == [truth]
+    kept = rules.multi_krum(weights32, f=f, m=n - f - 1).kept.tolist()
+    assert set(kept).isdisjoint(range(f)) and f + 2 not in kept
+
+
+# --- the previous implementation (one sort per column, one (n, d) centred copy) ----------
+# The column kernels change the order of floating-point sums (trimmed mean, Bulyan's
+# coordinate phase, Multi-Krum's average, the Gram matrix accumulated over chunks, the
+# centre of the distances); selections and medians are unchanged. Tolerances: a sum of
+# m terms of the convex weights 1/m may differ by at most 2 m eps max|x| per coordinate;
+# distances by 1e-5 (float32) / 1e-12 (float64) of the largest distance.
+
+def _old_median(x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[0]
+    lower = x.median(dim=0).values
+    return lower if n % 2 == 1 else lower / 2 + x.kthvalue(n // 2 + 1, dim=0).values / 2
+
+
+def _old_distances(x: torch.Tensor) -> torch.Tensor:
+    c = x - x.median(dim=0).values
+    gram = c @ c.T
+    sq = gram.diagonal()
+    dist = sq[:, None] + sq[None, :] - 2.0 * gram
+    dist = 0.5 * (dist + dist.T)
+    dist.fill_diagonal_(0.0)
+    return dist.clamp_(min=0.0)
+
+
+def _old_bulyan(x: torch.Tensor, f: int) -> tuple[list[int], torch.Tensor]:
+    from aggregation._checks import krum_scores, lex_order
+
+    n = x.shape[0]
+    theta, beta = n - 2 * f, n - 4 * f
+    dist = _old_distances(x)
+    remaining = torch.ones(n, dtype=torch.bool)
+    order: list[int] = []
+    for t in range(theta):
+        gone = ~remaining
+        scores = krum_scores(dist.masked_fill(gone[None, :], math.inf), max(n - t - f - 2, f))
+        totals = dist.masked_fill(gone[None, :], 0.0).sum(dim=1)
+        pick = int(lex_order(scores.masked_fill(gone, math.inf),
+                             totals.masked_fill(gone, math.inf))[0])
+        remaining[pick] = False
+        order.append(pick)
+    selected = x[order]
+    closest = (selected - _old_median(selected)).abs().topk(beta, dim=0, largest=False).indices
+    return order, x.new_full((beta,), 1.0 / beta) @ selected.gather(0, closest)
+
+
+def _sum_bound(x: torch.Tensor, m: int) -> torch.Tensor:
+    return 2 * m * torch.finfo(x.dtype).eps * x.abs().amax(dim=0)
+
+
+def _cases_vs_old() -> list[tuple[int, int, torch.dtype]]:
+    return [(n, d, dt) for n, d in [(7, 50), (16, 400), (31, 1000), (60, 3000)]
+            for dt in (torch.float32, torch.float64)]
+
+
+@pytest.mark.parametrize(("n", "d", "dtype"), _cases_vs_old())
+def test_column_kernels_match_the_previous_implementation(n: int, d: int,
+                                                          dtype: torch.dtype) -> None:
+    x = torch.randn(n, d, generator=gen(800 + n), dtype=torch.float64).to(dtype)
+    x[: n // 8] += 4.0  # a few outliers, so trimming and selection matter
+    f = max(1, (n - 3) // 4)
+    assert torch.equal(rules.median(x).update, _old_median(x))
+    old_trimmed = x.new_full((n - 2 * f,), 1.0 / (n - 2 * f)) @ x.sort(dim=0).values[f:n - f]
+    new_trimmed = rules.trimmed_mean(x, f=f).update
+    assert bool(((new_trimmed - old_trimmed).abs() <= _sum_bound(x, n - 2 * f)).all())
+
+    exact = torch.cdist(x.double(), x.double()) ** 2
+    scale = float(exact.max())
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for dist in (_old_distances(x), _checks.pairwise_sq_distances(x, f),
+                 _checks.pairwise_sq_distances(x)):
+        assert float((dist.double() - exact).abs().max()) <= tol * scale
+
+    k = n - f - 2
+    old_scores = _old_distances(x).masked_fill(torch.eye(n, dtype=torch.bool), math.inf)
+    old_scores = old_scores.topk(k, dim=1, largest=False).values.sum(dim=1)
+    new = rules.multi_krum(x, f=f)
+    torch.testing.assert_close(new.info["scores"], old_scores, rtol=100 * tol, atol=0.0)
+    old_chosen = sorted(old_scores.argsort()[: n - f].tolist())
+    assert new.kept.tolist() == old_chosen
+    old_mean = x[old_chosen].mean(dim=0)
+    assert bool(((new.update - old_mean).abs() <= _sum_bound(x, n - f)).all())
+    assert rules.krum(x, f=f).kept.tolist() == [int(old_scores.argmin())]
+
+    if n >= 4 * f + 3:
+        order, old_update = _old_bulyan(x, f)
+        res = rules.bulyan(x, f=f)
+        assert res.info["selection_order"].tolist() == order
+        assert bool(((res.update - old_update).abs() <= _sum_bound(x, n - 4 * f)).all())
+
+
+# --- aggregation in the updates' own dtype --------------------------------------------------
+
+@pytest.mark.parametrize("rule", ["mean", "median", "trimmed_mean", "krum", "multi_krum",
+                                  "bulyan"])
+@pytest.mark.parametrize("scale", [1e-5, 1.0])
+def test_float32_updates_aggregate_in_float32_as_well_as_in_float64(rule: str,
+                                                                    scale: float) -> None:
+    """The rules compute in the updates' dtype: on float32 updates (of scale 1e-5, as after
+    a round of local SGD, or 1) the float32 result equals the float64 aggregate of the very
+    same values to float32 rounding (2 n eps max|x| per coordinate) and keeps the same
+    clients, so converting float32 updates to float64 first buys nothing."""
+    n, f, d = 31, 4, 20_000
+    x64 = scale * torch.randn(n, d, generator=gen(900), dtype=torch.float64)
+    x64[:f] += 20 * scale
+    x32 = x64.float()
+    params: dict[str, int] = {} if rule in ("mean", "median") else {"f": f}
+    r32 = aggregation.get(rule, **params)(x32)
+    r64 = aggregation.get(rule, **params)(x32.double())
+    assert r32.update.dtype == torch.float32
+    assert torch.equal(r32.kept, r64.kept)
+    error = (r32.update.double() - r64.update).abs()
+    assert bool((error <= _sum_bound(x32, n).double()).all())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import aggregation
-from aggregation import pre, rules
+from aggregation import _checks, pre, rules
 
 from ._cases import gen, sample
 
@@ -309,3 +309,120 @@ def test_compose_with_no_steps_is_the_rule_and_state_passes_through() -> None:
     torch.testing.assert_close(res.update, expected.update)
     assert isinstance(res.state, torch.Tensor)
     torch.testing.assert_close(res.state, expected.update)
+
+
+# --- kernels: sorted columns and one validation per call -----------------------------------
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of a few columns, so small inputs run through many blocks and pieces."""
+    monkeypatch.setattr(_checks, "_SORT_ELEMENTS", 64)
+    monkeypatch.setattr(_checks, "_MAP_ELEMENTS", 256)
+
+
+@pytest.mark.parametrize("n", range(1, 17))
+def test_sorting_network_sorts_every_zero_one_input(n: int) -> None:
+    """The 0-1 principle: a comparator network that sorts all 2^n inputs of zeros and ones
+    sorts every input."""
+    bits = (torch.arange(2 ** n)[:, None] >> torch.arange(n)) & 1  # (2^n, n)
+    wires = bits.clone()
+    for lo, hi in _checks.sorting_network(n):
+        a, b = wires[:, lo].clone(), wires[:, hi].clone()
+        wires[:, lo], wires[:, hi] = torch.minimum(a, b), torch.maximum(a, b)
+    assert torch.equal(wires, bits.sort(dim=1).values)
+    assert all(0 <= lo < hi < n for lo, hi in _checks.sorting_network(n))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 24, 25, 40])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.usefixtures("small_blocks")
+def test_sorted_column_map_hands_fn_every_column_sorted(n: int, dtype: torch.dtype,
+                                                        threads: int,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every path (sorting network for n <= 24, numpy sort beyond, torch.sort for
+    bfloat16), in one or two threads, across many blocks: fn sees each column's values
+    sorted, and its outputs land on the right columns. Values are rounded so ties occur."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    x = (3 * torch.randn(n, 301, generator=gen(n), dtype=F64)).round().to(dtype)
+    blocks: list[torch.Tensor] = []
+
+    def keep(s: torch.Tensor) -> torch.Tensor:
+        blocks.append(s.clone())
+        return s[:, -1]
+
+    out = _checks.sorted_column_map(x, keep)
+    expected = x.T.sort(dim=1).values  # (d, n)
+    assert torch.equal(torch.cat(blocks), expected)
+    assert torch.equal(out, expected[:, -1]) and out.dtype == dtype
+    rows = torch.tensor([i for i in range(n) if i % 3 != 1] or [0])
+    blocks.clear()
+    _checks.sorted_column_map(x, keep, rows=rows)
+    assert torch.equal(torch.cat(blocks), x[rows].T.sort(dim=1).values)
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("n", [1, 2, 5, 6, 30, 31])
+def test_median_and_bulyan_window_on_many_blocks(n: int) -> None:
+    """The column kernels on inputs spanning many blocks give what torch's own
+    reductions give: the median exactly, Bulyan's coordinate phase to rounding."""
+    x = torch.randn(n, 257, generator=gen(40 + n), dtype=F64)
+    lower = x.median(dim=0).values
+    expected = lower if n % 2 else lower / 2 + x.kthvalue(n // 2 + 1, dim=0).values / 2
+    assert torch.equal(rules.median(x).update, expected)
+    beta = n - 2 if n > 2 else n  # (n = 2, one kept, would be a tie by construction)
+    closest = (x - expected).abs().topk(beta, dim=0, largest=False).indices
+    p = x.new_full((beta,), 1.0 / beta)
+    window = _checks.sorted_column_map(x, lambda s: rules._closest_to_median_mean(s, beta, p))
+    torch.testing.assert_close(window, x.gather(0, closest).mean(dim=0), rtol=1e-12,
+                               atol=1e-14)
+
+
+def test_bulyan_window_keeps_the_lower_of_two_equally_far_values() -> None:
+    """Values -1, 0, 1 around the median 0, two kept: both -1 and 1 are 1 away; the lower
+    is kept (as the brute-force reference does), deterministically."""
+    s = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 1.0], [-1.0, 0.0, 2.0]])
+    p = s.new_full((2,), 0.5)
+    assert rules._closest_to_median_mean(s, 2, p).tolist() == [-0.5, 0.5, -0.5]
+
+
+def test_each_input_is_validated_once_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rule object validates and its function does not check the same tensors again;
+    a composition validates its input once and the rule its step's output once."""
+    seen: list[str] = []
+    validate = _checks._validate
+
+    def counting(rule: str, updates: object, weights: object | None) -> object:
+        seen.append(rule)
+        return validate(rule, updates, weights)
+
+    monkeypatch.setattr(_checks, "_validate", counting)
+    x, w = sample(50)
+    for name, params in [("krum", {"f": 1}), ("multi_krum", {"f": 1, "use_weights": True}),
+                         ("median", {}), ("trimmed_mean", {"f": 2}), ("bulyan", {"f": 1})]:
+        seen.clear()
+        aggregation.get(name, **params)(x, w)
+        assert seen == [name]
+    seen.clear()
+    clipped_krum = aggregation.compose(aggregation.get("krum", f=1),
+                                       [aggregation.get_pre("norm_clip", max_norm=1.0)])
+    clipped_krum(x, w)
+    assert seen == ["krum+norm_clip", "krum"]
+    seen.clear()
+    rules.krum(x, f=1)  # called directly, the function checks its input itself
+    assert seen == ["krum"]
+
+
+def test_inputs_already_checked_are_only_the_same_tensors() -> None:
+    x, w = sample(51)
+    bad = x.clone()
+    bad[2, 1] = math.nan
+    with _checks.checked(x, w):
+        assert _checks.check_inputs("r", x, w)[0] is x
+        assert _checks.check_inputs("r", x, None)[1] is None
+        with pytest.raises(ValueError, match="NaN or Inf in rows \\[2\\]"):
+            _checks.check_inputs("r", bad, w)
+        with pytest.raises(ValueError, match="negative"):
+            _checks.check_inputs("r", x, -w)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        rules.median(bad)
