@@ -252,6 +252,8 @@ def row_norms(v: Tensor) -> Tensor:
 # that fn's torch operations are few and large, and torch's own threads share them).
 _SORT_ELEMENTS = 1 << 18
 _MAP_ELEMENTS = 1 << 22
+# stacks smaller than this (8 MiB of float32) are sorted on the calling thread alone
+_THREADED_ELEMENTS = 1 << 21
 # Up to this many rows, a sorting network on whole rows beats sorting every column (it has
 # few comparators, each a vectorised minimum and maximum over contiguous memory).
 _NETWORK_MAX_ROWS = 24
@@ -292,7 +294,7 @@ def sorted_column_map(x: Tensor, fn: Callable[[Tensor], Tensor], *,
     columns whose values are sorted column by column and handed to ``fn`` as ``(w, n)``
     (row ``j`` = column ``j`` of the block, ascending), which maps them to ``(w,)``.
     Nothing of size ``(n, d)`` is allocated: memory beyond ``x`` and the ``(d,)`` result
-    is one block (at most 16 MiB of float32). How a block is sorted depends only on speed,
+    is one block (at most 16 MiB of float32, and at most an eighth of ``x``). How a block is sorted depends only on speed,
     never on the result (the sorted values are the same):
 
     - CPU, float16/32/64, ``n <= 24``: a sorting network (:func:`sorting_network`) on the
@@ -303,9 +305,9 @@ def sorted_column_map(x: Tensor, fn: Callable[[Tensor], Tensor], *,
       magnitude faster than torch's CPU sort on short rows;
     - otherwise ``torch.sort`` on the transposed block.
 
-    On CPU the pieces (about 1 MiB each, so they stay in cache) are spread over
-    ``torch.get_num_threads()`` threads, which numpy runs without the GIL; ``fn`` runs on
-    the calling thread, where torch's own threads share it.
+    On CPU the pieces (about 1 MiB each, so they stay in cache) of stacks over 8 MiB are
+    spread over ``torch.get_num_threads()`` threads, which numpy runs without the GIL;
+    ``fn`` runs on the calling thread, where torch's own threads share it.
 
     Parameters
     ----------
@@ -325,7 +327,9 @@ def sorted_column_map(x: Tensor, fn: Callable[[Tensor], Tensor], *,
     src = x.detach()
     n = src.shape[0] if rows is None else int(rows.numel())
     d = src.shape[1]
-    width = max(1, min(d, _MAP_ELEMENTS // max(n, 1)))
+    piece = max(1, _SORT_ELEMENTS // max(n, 1))
+    # a block is at most 16 MiB of float32 and at most an eighth of the stack
+    width = max(1, min(d, _MAP_ELEMENTS // max(n, 1), max(piece, -(-d // 8))))
     out = src.new_empty(d)
     if not (src.device.type == "cpu" and src.dtype in _NUMPY_SORTS):
         buf = src.new_empty(width, n)
@@ -341,7 +345,6 @@ def sorted_column_map(x: Tensor, fn: Callable[[Tensor], Tensor], *,
     buf = src.new_empty(width, n) if network is None else src.new_empty(n, width)
     picked_np = None if rows is None else rows.cpu().numpy()
     src_np, buf_np = src.numpy(), buf.numpy()
-    piece = max(1, _SORT_ELEMENTS // max(n, 1))
 
     def sort_pieces(s: int, starts: Sequence[int], w: int) -> None:
         for a in starts:  # columns s + a:s + b of src, a:b of the block
@@ -364,7 +367,8 @@ def sorted_column_map(x: Tensor, fn: Callable[[Tensor], Tensor], *,
             # the swaps left the sorted wires in other rows' (and the spare's) memory
             np.copyto(target, np.stack(wires))
 
-    workers = max(1, min(torch.get_num_threads(), -(-width // piece)))
+    # small stacks stay on this thread: handing pieces over would cost more than it saves
+    workers = 1 if n * d < _THREADED_ELEMENTS else min(torch.get_num_threads(), -(-width // piece))
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
         for s in range(0, d, width):

@@ -315,9 +315,11 @@ def test_compose_with_no_steps_is_the_rule_and_state_passes_through() -> None:
 
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Blocks of a few columns, so small inputs run through many blocks and pieces."""
+    """Blocks of a few columns, so small inputs run through many blocks and pieces, and
+    in worker threads however small they are."""
     monkeypatch.setattr(_checks, "_SORT_ELEMENTS", 64)
     monkeypatch.setattr(_checks, "_MAP_ELEMENTS", 256)
+    monkeypatch.setattr(_checks, "_THREADED_ELEMENTS", 0)
 
 
 @pytest.mark.parametrize("n", range(1, 17))
