@@ -27,6 +27,9 @@ Rules (``aggregation.get(name, **params)``)
 |                     |                               | generator         |               |
 | `signguard`         | Xu et al., 2022 (SignGuard)   | 0 <= lower <= 1   | no            |
 |                     |                               | <= upper; gen.    |               |
+| `foolsgold`         | Fung et al., 2020 (FoolsGold) | clients; stateful | no            |
+| `fldetector`        | Zhang et al., 2022            | clients; gen.;    | no            |
+|                     | (FLDetector)                  | stateful          |               |
 
 | rule                | equivariant to     | guarantee with at most f Byzantine clients        |
 |---------------------|--------------------|---------------------------------------------------|
@@ -50,8 +53,18 @@ Rules (``aggregation.get(name, **params)``)
 |                     |                    | per iteration (built against min-max / min-sum)   |
 | `signguard`         | scale              | norm within [lower, upper] x median and in the    |
 |                     |                    | largest sign-statistics cluster; clipped          |
+| `foolsgold`         | scale (**)         | clients whose summed update histories are         |
+|                     |                    | parallel (sybils) get weight ~0; no magnitude     |
+|                     |                    | bound (add norm_clip)                             |
+| `fldetector`        | scale (**)         | removes the cluster of high scores (distance to   |
+|                     |                    | the L-BFGS prediction from each client's history) |
+|                     |                    | when the gap statistic sees two; then `base`      |
 
-(*) translation equivariant only when the state (the centre) is translated too. Rules
+(*) translation equivariant only when the state (the centre) is translated too. (**) with
+the state scaled too. ``clients``: the rule keys a history by client and needs
+``clients=`` ``(n,)`` int64 stable ids on every call (a client absent from a round keeps
+its history; no step that mixes rows may precede it); ``gen.``: it needs a
+``generator=``. Rules
 marked "no" for weights validate and then ignore them; ``use_weights=True`` makes the
 others use them (``mean`` uses them unless ``use_weights=False``).
 
@@ -88,8 +101,10 @@ tensor([0])
 from __future__ import annotations
 
 from . import detection as _detection  # noqa: F401  (registers flame, dnc, signguard)
+from . import history as _history  # noqa: F401  (registers foolsgold, fldetector)
 from . import pre as _pre  # noqa: F401  (registers the pre-aggregation steps)
 from . import rules as _rules  # noqa: F401  (registers the rules)
+from . import trust as _trust  # noqa: F401  (registers fltrust)
 from ._types import AggregationResult, Aggregator, PreAggregator, PreAggResult, PreconditionError
 from .catalog import (
     PRE_AGGREGATORS,

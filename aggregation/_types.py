@@ -24,7 +24,8 @@ class AggregationResult:
         updates the rule accepted (all of them for coordinate-wise rules, the selected ones
         for Krum-type rules), on the device of the updates.
     state
-        New state for a stateful rule (``centered_clipping``: the new centre, ``(d,)``);
+        New state for a stateful rule (``centered_clipping``: the new centre, ``(d,)``;
+        ``foolsgold``, ``fldetector``: a dict of tensors holding per-client histories);
         ``None`` for stateless rules. Pass it back as ``state=`` in the next round.
     info
         Diagnostics as tensors, e.g. ``{"scores": (n,)}`` for Krum.
@@ -78,8 +79,23 @@ class Aggregator(Protocol):
 
     def __call__(self, updates: Tensor, weights: Tensor | None = None, *,
                  state: object | None = None,
-                 generator: torch.Generator | None = None) -> AggregationResult:
-        """Aggregate ``updates`` ``(n, d)`` into an :class:`AggregationResult`."""
+                 generator: torch.Generator | None = None,
+                 clients: Tensor | None = None,
+                 reference: Tensor | None = None) -> AggregationResult:
+        """Aggregate ``updates`` ``(n, d)`` into an :class:`AggregationResult`.
+
+        The keywords after ``state`` are the round's context; a rule uses those it needs
+        (and refuses a call without them) and ignores the others:
+
+        ``generator``
+            Randomness (``torch.Generator``), for rules and steps that draw.
+        ``clients``
+            ``(n,)`` int64 stable, unique client identities, one per row, for rules that
+            key a history by client.
+        ``reference``
+            ``(d,)`` the server's update on its root dataset (same dtype and device as the
+            updates), for rules that score clients against it.
+        """
         ...
 
 

@@ -65,6 +65,9 @@ __all__ = [
     "Traits",
     "boolean",
     "central_dp_refusal",
+    "check_clients",
+    "check_generator",
+    "check_reference",
     "dp_compatible_steps",
     "get",
     "get_pre",
@@ -287,11 +290,31 @@ def register_function(registry: Registry[Factory[Callable[..., Any]]], name: str
 # rules and pre-aggregation steps
 
 
+RUNTIME = ("generator", "clients", "reference")
+"""Keyword-only parameters of a rule's function that are not hyperparameters but this
+round's context, passed on every call to the functions that declare them (see
+:class:`Rule`)."""
+
+
 class Rule:
     """A registered aggregation rule with its hyperparameters bound.
 
     Not constructed directly: use :func:`aggregation.get`; registered with
     :func:`register_rule`.
+
+    Besides the updates and weights, a call may carry the round's context; each piece
+    reaches the rule's function only if the function declares it as a keyword-only
+    parameter (rules that do not declare one accept it and ignore it):
+
+    ``generator``
+        A ``torch.Generator`` for rules that draw random numbers (``random``).
+    ``clients``
+        ``(n,)`` int64 stable client identities, one per row of ``updates``, unique (the
+        node id in a deployment, ``1000 + partition`` in the in-process engine), for rules
+        that key a history by client (``needs_clients``).
+    ``reference``
+        ``(d,)`` the server's own update on its root dataset, same dtype and device as the
+        updates, finite, for rules that need it (``needs_reference``).
 
     Attributes
     ----------
@@ -304,24 +327,30 @@ class Rule:
         ignored).
     stateful
         Whether the rule carries state between rounds.
+    random, needs_clients, needs_reference
+        Whether the rule requires ``generator``, ``clients``, ``reference`` on every call.
     equivariances, properties
         Declared guarantees (see :mod:`aggregation.catalog`).
     """
 
-    __slots__ = ("_fn", "_init", "_state_arg", "equivariances", "name", "params",
-                 "properties", "use_weights")
+    __slots__ = ("_fn", "_init", "_state_arg", "equivariances", "name", "needs_clients",
+                 "needs_reference", "params", "properties", "random", "use_weights")
 
     def __init__(self, name: str, fn: Callable[..., AggregationResult],
                  params: Mapping[str, Any], *, use_weights: bool,
                  equivariances: frozenset[str], properties: frozenset[str],
                  state_arg: str | None = None,
-                 init: Callable[[int, torch.dtype, torch.device | str], Tensor] | None = None
-                 ) -> None:
+                 init: Callable[..., Any] | None = None,
+                 random: bool = False, needs_clients: bool = False,
+                 needs_reference: bool = False) -> None:
         self.name = name
         self.params: Mapping[str, Any] = MappingProxyType(dict(params))
         self.use_weights = use_weights
         self.equivariances = equivariances
         self.properties = properties
+        self.random = random
+        self.needs_clients = needs_clients
+        self.needs_reference = needs_reference
         self._fn = fn
         self._state_arg = state_arg
         self._init = init
@@ -336,17 +365,27 @@ class Rule:
         """Initial state for ``d`` parameters; ``None`` for stateless rules."""
         if self._init is None:
             return None
-        return self._init(check_int(self.name, "d", d, minimum=1), dtype, device)
+        # an init that declares a hyperparameter (fldetector's window) gets its value
+        declared = inspect.signature(self._init).parameters
+        hyper = {k: v for k, v in self.params.items() if k in declared}
+        state: object = self._init(check_int(self.name, "d", d, minimum=1), dtype, device,
+                                   **hyper)
+        return state
 
     def __call__(self, updates: Tensor, weights: Tensor | None = None, *,
                  state: object | None = None,
-                 generator: torch.Generator | None = None) -> AggregationResult:
-        """Aggregate ``updates`` ``(n, d)``; ``generator`` is unused (deterministic rules).
+                 generator: torch.Generator | None = None,
+                 clients: Tensor | None = None,
+                 reference: Tensor | None = None) -> AggregationResult:
+        """Aggregate ``updates`` ``(n, d)`` with this round's context (see the class).
 
         Raises
         ------
         ValueError
-            Bad input, a failed precondition, or a state given to a stateless rule.
+            Bad input, a failed precondition, a state given to a stateless rule, or a
+            context the rule needs missing or malformed (the message says how to pass it).
+        TypeError
+            ``generator`` is not a ``torch.Generator`` (for a random rule).
         """
         updates, weights = check_inputs(self.name, updates, weights)
         kwargs = dict(self.params)
@@ -360,12 +399,107 @@ class Rule:
                 f"{self.name} is stateless but got state={type(state).__name__}: pass "
                 "state=None (only rules with stateful=True take a state)"
             )
+        if self.random:
+            kwargs["generator"] = check_generator(self.name, generator)
+        if self.needs_clients:
+            kwargs["clients"] = check_clients(self.name, clients, updates)
+        if self.needs_reference:
+            kwargs["reference"] = check_reference(self.name, reference, updates)
         with checked(updates, weights):  # the function does not check them again
             return self._fn(updates, weights if self.use_weights else None, **kwargs)
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"Rule({self.name!r}, {shown}{', ' if shown else ''}use_weights={self.use_weights})"
+
+
+def check_generator(rule: str, generator: object) -> torch.Generator:
+    """``generator``, checked for a rule that draws random numbers.
+
+    Raises
+    ------
+    ValueError
+        ``generator`` is ``None``.
+    TypeError
+        ``generator`` is not a ``torch.Generator``.
+    """
+    if generator is None:
+        raise ValueError(
+            f"{rule} draws random numbers: pass generator=aggregation.make_generator(seed) "
+            "(the server derives one per round from the run's seed)"
+        )
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{rule}: generator must be a torch.Generator, got {type(generator).__name__}"
+        )
+    return generator
+
+
+def check_clients(rule: str, clients: object, updates: Tensor) -> Tensor:
+    """``clients`` checked against ``updates`` ``(n, d)``: ``(n,)`` int64, unique; returned on
+    the updates' device.
+
+    Raises
+    ------
+    ValueError
+        ``clients`` missing, of the wrong type, shape or dtype, or with a repeated id.
+    """
+    n = updates.shape[0]
+    if clients is None:
+        raise ValueError(
+            f"{rule} keys its history by client: pass clients=(n,) int64 ids, one stable id "
+            f"per row of updates (got none for n={n} rows; the server passes the node ids)"
+        )
+    if not isinstance(clients, Tensor):
+        raise ValueError(
+            f"{rule}: clients must be a torch.Tensor of (n,) int64 ids, got "
+            f"{type(clients).__name__}"
+        )
+    if clients.dtype != torch.int64 or tuple(clients.shape) != (n,):
+        raise ValueError(
+            f"{rule}: clients must be (n,) = ({n},) int64 ids, one per row of updates, got "
+            f"shape {tuple(clients.shape)} and dtype {clients.dtype}"
+        )
+    if torch.unique(clients).numel() != n:
+        ids, counts = torch.unique(clients, return_counts=True)
+        raise ValueError(
+            f"{rule}: clients must be unique (one row per client), got repeated ids "
+            f"{ids[counts > 1].tolist()}"
+        )
+    return clients.to(updates.device)
+
+
+def check_reference(rule: str, reference: object, updates: Tensor) -> Tensor:
+    """``reference`` checked against ``updates`` ``(n, d)``: ``(d,)``, same dtype and device,
+    finite.
+
+    Raises
+    ------
+    ValueError
+        ``reference`` missing, of the wrong type, shape, dtype or device, or not finite.
+    """
+    d = updates.shape[1]
+    if reference is None:
+        raise ValueError(
+            f"{rule} needs the server's reference update on its root dataset: pass "
+            f"reference=(d,) = ({d},) in the updates' dtype and device (a server component "
+            "must compute it each round)"
+        )
+    if not isinstance(reference, Tensor):
+        raise ValueError(
+            f"{rule}: reference must be a torch.Tensor of shape (d,), got "
+            f"{type(reference).__name__}"
+        )
+    if (tuple(reference.shape) != (d,) or reference.dtype != updates.dtype
+            or reference.device != updates.device):
+        raise ValueError(
+            f"{rule}: reference must have shape (d,) = ({d},), dtype {updates.dtype} and "
+            f"device {updates.device} like the updates, got shape {tuple(reference.shape)}, "
+            f"dtype {reference.dtype}, device {reference.device}"
+        )
+    if not bool(torch.isfinite(reference).all()):
+        raise ValueError(f"{rule}: reference has NaN or Inf entries")
+    return reference
 
 
 class PreStep:
@@ -382,18 +516,22 @@ class PreStep:
         Read-only mapping of the hyperparameters.
     random
         Whether the step draws from the ``generator`` (which it then requires).
+    rowwise
+        Whether output row ``i`` depends on input row ``i`` alone (one row per client, in
+        order, no mixing): only then may a rule that keys a history by client follow it.
     equivariances, preserves
         Declared guarantees (see :mod:`aggregation.catalog`).
     """
 
-    __slots__ = ("_fn", "equivariances", "name", "params", "preserves", "random")
+    __slots__ = ("_fn", "equivariances", "name", "params", "preserves", "random", "rowwise")
 
     def __init__(self, name: str, fn: Callable[..., PreAggResult], params: Mapping[str, Any],
                  *, random: bool, equivariances: frozenset[str],
-                 preserves: frozenset[str]) -> None:
+                 preserves: frozenset[str], rowwise: bool = False) -> None:
         self.name = name
         self.params: Mapping[str, Any] = MappingProxyType(dict(params))
         self.random = random
+        self.rowwise = rowwise
         self.equivariances = equivariances
         self.preserves = preserves
         self._fn = fn
@@ -414,8 +552,10 @@ class PreStep:
 RULES: Registry[Factory[Rule]] = Registry("aggregator")
 PRE_AGGREGATORS: Registry[Factory[PreStep]] = Registry("pre-aggregator")
 
-StateInit = Callable[[int, torch.dtype, torch.device | str], Tensor]
-"""``init(d, dtype, device)``: the first state of a stateful rule."""
+StateInit = Callable[..., Any]
+"""``init(d, dtype, device, **hyper)``: the first state of a stateful rule (tensors, numbers
+and dicts / lists of them, so that a checkpoint stores it exactly); ``hyper`` holds the
+rule's hyperparameters that ``init`` declares as keyword-only parameters."""
 
 
 def _traits(name: str, equivariances: frozenset[str], properties: frozenset[str],
@@ -440,13 +580,18 @@ def _all_checked(name: str, factory: Factory[Any], skip: Collection[str] = ()) -
 def register_rule(name: str, *, params: Mapping[str, Check] | None = None,
                   use_weights: bool | None = None,
                   state: tuple[str, StateInit] | None = None,
+                  validate: Callable[[Mapping[str, Any]], None] | None = None,
                   equivariances: frozenset[str], properties: frozenset[str],
                   dp_compatible: bool = False, why_not_dp: str = "") -> Callable[[F], F]:
     """Register the decorated function ``fn(updates, weights=None, *, hyper...)`` as the
     aggregation rule ``name``; the function is returned unchanged.
 
     ``aggregation.get(name, **hyper)`` then returns a :class:`Rule` with the
-    hyperparameters (``fn``'s keyword-only parameters) checked and bound.
+    hyperparameters (``fn``'s keyword-only parameters) checked and bound. Keyword-only
+    parameters named ``generator``, ``clients`` or ``reference`` are not hyperparameters
+    but the round's context (:data:`RUNTIME`): the rule is then ``random``,
+    ``needs_clients`` or ``needs_reference``, and :class:`Rule` passes them on every call,
+    refusing a call without them.
 
     Parameters
     ----------
@@ -461,7 +606,10 @@ def register_rule(name: str, *, params: Mapping[str, Check] | None = None,
         the ``use_weights`` hyperparameter, which decides whether weights reach ``fn``.
     state
         ``(arg, init)`` for a stateful rule: ``fn``'s keyword that receives the state and
-        ``init(d, dtype, device)`` giving the first one.
+        ``init(d, dtype, device, **hyper)`` giving the first one (``hyper``: the
+        hyperparameters ``init`` declares as keyword-only parameters).
+    validate
+        A check across several hyperparameters, run when the rule is built.
     equivariances, properties
         Declared guarantees, checked by the contract tests (see the module docstring).
     dp_compatible, why_not_dp
@@ -475,7 +623,10 @@ def register_rule(name: str, *, params: Mapping[str, Check] | None = None,
         inconsistent declarations.
     """
     def decorator(fn: F) -> F:
-        runtime = () if state is None else (state[0],)
+        keyword_only = inspect.Parameter.KEYWORD_ONLY
+        declared = {p.name for p in inspect.signature(fn).parameters.values()
+                    if p.kind is keyword_only and p.name in RUNTIME}
+        runtime = tuple(sorted(declared)) + (() if state is None else (state[0],))
         state_arg, init = (None, None) if state is None else state
         extra = [] if use_weights is None else [
             inspect.Parameter("use_weights", inspect.Parameter.KEYWORD_ONLY,
@@ -485,13 +636,15 @@ def register_rule(name: str, *, params: Mapping[str, Check] | None = None,
         def make(p: dict[str, Any]) -> Rule:
             weighted = bool(p.pop("use_weights", False))
             return Rule(name, fn, p, use_weights=weighted, equivariances=traits.equivariances,
-                        properties=traits.properties, state_arg=state_arg, init=init)
+                        properties=traits.properties, state_arg=state_arg, init=init,
+                        random="generator" in declared, needs_clients="clients" in declared,
+                        needs_reference="reference" in declared)
 
         checks = dict(params or {})
         if use_weights is not None:
             checks["use_weights"] = boolean
         factory = Factory(name, fn, make, params=checks, runtime=runtime, extra=extra,
-                          traits=traits)
+                          validate=validate, traits=traits)
         _all_checked(name, factory)
         RULES.register(name)(factory)
         return fn
@@ -500,6 +653,7 @@ def register_rule(name: str, *, params: Mapping[str, Check] | None = None,
 
 def register_pre(name: str, *, params: Mapping[str, Check] | None = None,
                  equivariances: frozenset[str], preserves: frozenset[str],
+                 rowwise: bool = False,
                  dp_compatible: bool = False, why_not_dp: str = "") -> Callable[[F], F]:
     """Register the decorated function ``fn(updates, weights=None, *, hyper...)`` as the
     pre-aggregation step ``name``; the function is returned unchanged.
@@ -513,6 +667,10 @@ def register_pre(name: str, *, params: Mapping[str, Check] | None = None,
         A check for every hyperparameter.
     equivariances, preserves
         Declared guarantees (see the module docstring).
+    rowwise
+        Whether output row ``i`` depends on input row ``i`` alone (``norm_clip``: yes;
+        ``bucketing``, ``nnm``: no). :func:`aggregation.compose` refuses a rule that keys
+        a history by client after a step that is not rowwise.
     dp_compatible, why_not_dp
         As for :func:`register_rule`: whether central DP may run after this step.
     """
@@ -522,7 +680,7 @@ def register_pre(name: str, *, params: Mapping[str, Check] | None = None,
 
         def make(p: dict[str, Any]) -> PreStep:
             return PreStep(name, fn, p, random=random, equivariances=traits.equivariances,
-                           preserves=traits.properties)
+                           preserves=traits.properties, rowwise=rowwise)
 
         factory = Factory(name, fn, make, params=params,
                           runtime=("generator",) if random else (), traits=traits)

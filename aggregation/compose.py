@@ -43,6 +43,22 @@ class Composed:
         return self.rule.stateful
 
     @property
+    def random(self) -> bool:
+        """Whether the rule or a step draws random numbers (a generator is then required)."""
+        return bool(getattr(self.rule, "random", False)) or any(
+            bool(getattr(p, "random", False)) for p in self.pre)
+
+    @property
+    def needs_clients(self) -> bool:
+        """The rule's (only possible behind rowwise steps, see :func:`compose`)."""
+        return bool(getattr(self.rule, "needs_clients", False))
+
+    @property
+    def needs_reference(self) -> bool:
+        """The rule's."""
+        return bool(getattr(self.rule, "needs_reference", False))
+
+    @property
     def equivariances(self) -> frozenset[str]:
         """Those declared by the rule and every step."""
         out = _declared(self.rule, "equivariances")
@@ -65,8 +81,12 @@ class Composed:
 
     def __call__(self, updates: Tensor, weights: Tensor | None = None, *,
                  state: object | None = None,
-                 generator: torch.Generator | None = None) -> AggregationResult:
-        """Run the steps in order, then the rule; ``generator`` reaches every step.
+                 generator: torch.Generator | None = None,
+                 clients: Tensor | None = None,
+                 reference: Tensor | None = None) -> AggregationResult:
+        """Run the steps in order, then the rule; ``generator`` reaches every step and the
+        rule, ``reference`` the rule unchanged, ``clients`` the rule when every step is
+        rowwise (it is dropped otherwise: :func:`compose` refused the rules that need it).
 
         Raises
         ------
@@ -91,8 +111,10 @@ class Composed:
                     )
                 members = (out.members.float() @ members.float()) > 0
                 x, w = out.updates, out.weights
+            rowwise = all(bool(getattr(p, "rowwise", False)) for p in self.pre)
             try:
-                res = self.rule(x, w, state=state, generator=generator)
+                res = self.rule(x, w, state=state, generator=generator,
+                                clients=clients if rowwise else None, reference=reference)
             except ValueError as err:
                 steps = "+".join(p.name for p in self.pre)
                 raise ValueError(
@@ -118,6 +140,10 @@ def compose(rule: Aggregator, pre: Sequence[PreAggregator]) -> Aggregator:
     properties that the rule declares and every step preserves. With an empty ``pre`` the
     rule itself is returned.
 
+    The round's context is passed on: ``generator`` to every step and the rule,
+    ``reference`` to the rule unchanged, ``clients`` to the rule only when every step is
+    ``rowwise`` (row ``i`` still belongs to client ``i`` alone).
+
     Parameters
     ----------
     rule
@@ -133,6 +159,10 @@ def compose(rule: Aggregator, pre: Sequence[PreAggregator]) -> Aggregator:
     ------
     TypeError
         If ``pre`` is not a sequence of callables (a single step must go in a list).
+    ValueError
+        If the rule keys a history by client (``needs_clients``) and a step mixes rows
+        (``bucketing``, ``nnm``, any step not declared ``rowwise``): the rows it sees no
+        longer belong to one client each.
 
     Examples
     --------
@@ -159,4 +189,12 @@ def compose(rule: Aggregator, pre: Sequence[PreAggregator]) -> Aggregator:
             )
     if not pre:
         return rule
+    mixing = [str(getattr(p, "name", p)) for p in pre if not getattr(p, "rowwise", False)]
+    if getattr(rule, "needs_clients", False) and mixing:
+        raise ValueError(
+            f"compose: {rule.name} keys its history by client, but the step(s) "
+            f"{', '.join(mixing)} mix clients' rows (a row no longer belongs to one client): "
+            f"put {rule.name} after rowwise steps only (e.g. norm_clip), or drop "
+            f"{', '.join(mixing)}"
+        )
     return Composed(rule, tuple(pre))

@@ -10,25 +10,20 @@ deviations (DnC's SVD scores) and signs (SignGuard's sign statistics). Each is a
 recall, and whose ``info`` holds its diagnostics.
 
 All three draw random numbers (FLAME its noise, DnC and SignGuard their coordinate
-samples) from the ``generator`` they are called with, and refuse to run without one; with
-the same generator they are deterministic. The clustering runs in scikit-learn on a CPU
+samples) from the ``generator`` they are called with: each declares a keyword-only
+``generator``, so its :class:`~aggregation.catalog.Rule` is ``random`` and refuses to run
+without one; with the same generator they are deterministic. The clustering runs in scikit-learn on a CPU
 copy of an ``(n, n)`` or ``(n, 3)`` matrix; everything over ``d`` stays on the updates'
 device, so the rules run on CPU and CUDA tensors alike. None of them has a weighted form
 (client-reported example counts are attacker-controlled) and none is covered by central
 DP (each registration says why).
-
-The registry's :class:`~aggregation.catalog.Rule` calls a rule's function without the
-generator, so these rules are registered by :func:`register_random_rule`, which builds the
-same :class:`~aggregation.catalog.Factory` (hyperparameter checks, declared traits) around
-:class:`RandomRule`, a rule object that passes the generator on.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from types import MappingProxyType
-from typing import Any, TypeVar, cast
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,132 +31,12 @@ from torch import Tensor
 
 from ._checks import check_inputs, check_int, check_real, convex_mean, finite_update, row_norms
 from ._types import AggregationResult, PreconditionError
-from .catalog import ALL, RULES, TS, Check, Factory, Rule, Traits, integer, real
+from .catalog import ALL, TS, integer, real, register_rule
 from .rules import coordinate_median
 
-__all__ = ["RandomRule", "dnc", "flame", "register_random_rule", "signguard"]
-
-F = TypeVar("F", bound=Callable[..., AggregationResult])
+__all__ = ["dnc", "flame", "signguard"]
 
 SCALE = frozenset({"scale"})
-
-
-# ---------------------------------------------------------------------------------------
-# registration of rules that draw from the generator
-
-
-class RandomRule:
-    """A registered rule that draws random numbers from the generator it is called with.
-
-    Not constructed directly: use :func:`aggregation.get`; registered with
-    :func:`register_random_rule`. Stateless, no weighted form (weights are validated, then
-    ignored).
-
-    Attributes
-    ----------
-    name
-        Registered name.
-    params
-        Read-only mapping of the hyperparameters passed to the rule's function.
-    use_weights
-        Always ``False``.
-    random
-        Always ``True``: the rule needs a generator.
-    equivariances, properties
-        Declared guarantees (see :mod:`aggregation.catalog`).
-    """
-
-    __slots__ = ("_fn", "equivariances", "name", "params", "properties")
-
-    use_weights = False
-    random = True
-    stateful = False
-
-    def __init__(self, name: str, fn: Callable[..., AggregationResult],
-                 params: Mapping[str, Any], traits: Traits) -> None:
-        self.name = name
-        self.params: Mapping[str, Any] = MappingProxyType(dict(params))
-        self.equivariances = traits.equivariances
-        self.properties = traits.properties
-        self._fn = fn
-
-    def init_state(self, d: int, *, dtype: torch.dtype,
-                   device: torch.device | str) -> object | None:
-        """``None``: the rule is stateless."""
-        return None
-
-    def __call__(self, updates: Tensor, weights: Tensor | None = None, *,
-                 state: object | None = None,
-                 generator: torch.Generator | None = None) -> AggregationResult:
-        """Aggregate ``updates`` ``(n, d)`` with random numbers from ``generator``.
-
-        Raises
-        ------
-        ValueError
-            Bad input, a failed precondition, a state given, or no generator.
-        TypeError
-            ``generator`` is not a ``torch.Generator``.
-        """
-        updates, weights = check_inputs(self.name, updates, weights)
-        if state is not None:
-            raise ValueError(
-                f"{self.name} is stateless but got state={type(state).__name__}: pass "
-                "state=None (only rules with stateful=True take a state)"
-            )
-        return self._fn(updates, None, generator=_generator(self.name, generator),
-                        **self.params)
-
-    def __repr__(self) -> str:
-        shown = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
-        return f"RandomRule({self.name!r}{', ' if shown else ''}{shown})"
-
-
-def register_random_rule(name: str, *, params: Mapping[str, Check] | None = None,
-                         validate: Callable[[Mapping[str, Any]], None] | None = None,
-                         equivariances: frozenset[str], properties: frozenset[str],
-                         why_not_dp: str) -> Callable[[F], F]:
-    """Register ``fn(updates, weights=None, *, generator, hyper...)`` as the rule ``name``.
-
-    As :func:`~aggregation.catalog.register_rule` for a stateless rule without a weighted
-    form, except that the rule object (:class:`RandomRule`) passes the generator on. The
-    function is returned unchanged. ``validate`` checks several hyperparameters together
-    when the rule is built. None of these rules is covered by central DP: ``why_not_dp``
-    says why.
-
-    Raises
-    ------
-    ValueError
-        At registration: a duplicate name, a hyperparameter without a check, or an empty
-        ``why_not_dp``.
-    """
-    def decorator(fn: F) -> F:
-        if not why_not_dp:
-            raise ValueError(f"{name}: say why central DP does not cover it (why_not_dp)")
-        traits = Traits(frozenset(equivariances), frozenset(properties), False, why_not_dp)
-        factory: Factory[RandomRule] = Factory(
-            name, fn, lambda p: RandomRule(name, fn, p, traits), params=params,
-            runtime=("generator",), validate=validate, traits=traits)
-        unchecked = [p for p in factory.hyperparameters if p not in factory.checks]
-        if unchecked:
-            raise ValueError(f"{name}: declare a check for hyperparameter(s) {unchecked}")
-        # RULES is typed for catalog.Rule; a RandomRule has the same interface (the
-        # Aggregator protocol) and also passes the generator on
-        RULES.register(name)(cast("Factory[Rule]", factory))
-        return fn
-    return decorator
-
-
-def _generator(rule: str, generator: object) -> torch.Generator:
-    if generator is None:
-        raise ValueError(
-            f"{rule} draws random numbers: pass generator=aggregation.make_generator(seed) "
-            "(the server derives one per round from the run's seed)"
-        )
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"{rule}: generator must be a torch.Generator, got {type(generator).__name__}"
-        )
-    return generator
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,7 +128,7 @@ def _largest_cluster(labels: Tensor) -> Tensor:
     return labels == int(torch.argmax(counts))  # argmax returns the first maximum
 
 
-@register_random_rule(
+@register_rule(
     "flame", params={"lam": real(0.0)}, equivariances=SCALE,
     properties=frozenset({"permutation_invariant"}),
     why_not_dp="FLAME's noise is scaled to this round's median norm, which the clients "
@@ -383,7 +258,7 @@ def dnc_scores(sample: Tensor) -> Tensor:
     return scores
 
 
-@register_random_rule(
+@register_rule(
     "dnc", params={"f": integer(0), "c": real(0.0, strict=True), "iters": integer(1),
                    "sub_dim": integer(1)},
     equivariances=TS, properties=ALL,
@@ -545,7 +420,7 @@ def _fraction(component: str, param: str, value: Any) -> float:
     return x
 
 
-@register_random_rule(
+@register_rule(
     "signguard", params={"lower": real(0.0), "upper": real(1.0),
                          "coord_fraction": _fraction}, validate=_bounds,
     equivariances=SCALE, properties=frozenset({"permutation_invariant", "unanimous"}),

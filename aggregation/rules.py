@@ -216,7 +216,8 @@ def trimmed_mean(updates: Tensor, weights: Tensor | None = None, *, f: int) -> A
         update = convex_mean(updates)
     else:
         p = updates.new_full((n - 2 * f,), 1.0 / (n - 2 * f))
-        update = sorted_column_map(updates, lambda s: s[:, f:n - f] @ p)  # (w, n - 2f) @ p
+        update = sorted_column_map(updates, lambda s: s[:, f:n - f] @ p,  # (w, n - 2f) @ p
+                                   ranks=range(f, n - f))
     return AggregationResult(update=finite_update("trimmed_mean", update),
                              kept=_all_kept(updates))
 

@@ -499,6 +499,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n", nargs="+", type=int, default=[10, 100, 1000])
     p.add_argument("--d", nargs="+", type=float, default=[1e5, 1e6, 1e7])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int,
+                   help="threads for torch and for NumPy's BLAS alike (default: as found); "
+                        "1 compares single-threaded code, which a loaded machine skews less")
     p.add_argument("--cap", type=float, default=600.0,
                    help="seconds: Flower calls estimated to take longer are not run")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
@@ -511,6 +514,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         kind, rule, n, d = args.probe
         probe(kind, rule, int(n), int(float(d)))
         return 0
+    if args.threads:
+        from threadpoolctl import threadpool_limits  # scikit-learn's dependency
+
+        torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads, user_api="blas")  # NumPy's, for Flower's code
     ns, ds, repeats, cap = args.n, [int(d) for d in args.d], args.repeats, args.cap
     server_n, server_d, server_rules = 100, 1_000_000, [r for r in args.rules if r != "mean"]
     memory = [] if args.no_memory else ["fedshield", "flower", "flower-legacy"]

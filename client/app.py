@@ -7,6 +7,8 @@ what a malicious client does is in ``malicious.py`` and ``poisoning.py``.
 from __future__ import annotations
 
 import functools
+import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +25,7 @@ from .local_dp import local_dp_update
 from .malicious import (
     DATA_ATTACKS,
     MaliciousRole,
-    boost_factor,
+    finish_backdoor_update,
     malicious_partitions,
     poison_data,
     reported_examples,
@@ -91,6 +93,9 @@ def handle_train(msg: Message, context: Context) -> Message:
     _load_weights(model, msg.content["arrays"])
     global_state = _state_on_cpu(model)
     x, y = task.train_data(context.node_config)
+    # train-seconds: from here to the weights to send (data poisoning, training, the update's
+    # attack or local DP); the server's profile counts the rest as transfer
+    t0 = time.perf_counter()
     pid = _partition_id(context.node_config)
     role = client_role(cfg, context.node_config)
     device = resolve_device(cfg.device)
@@ -125,24 +130,32 @@ def handle_train(msg: Message, context: Context) -> Message:
     new_state = _state_on_cpu(model)
     keys = [k for k, v in new_state.items() if v.is_floating_point()]
     update = torch.cat([(new_state[k] - global_state[k]).reshape(-1) for k in keys])
+    benign = None  # Neurotoxin's: the global model's change since this node last saw it
+    if role.attack == "neurotoxin":  # kept every round, before the attack starts too
+        flat_global = torch.cat([global_state[k].reshape(-1) for k in keys])
+        if "neurotoxin" in context.state.array_records:
+            seen = context.state.array_records["neurotoxin"].to_torch_state_dict()["global"]
+            benign = flat_global - seen
+        context.state["neurotoxin"] = ArrayRecord({"global": flat_global})
     sent = update
     if attacking:
         attack_gen = make_generator(derive_seed(cfg.seed, "attack", pid, "round", server_round))
         sent = role.poison_update(sent, server_round, generator=attack_gen)
-        sent = sent * boost_factor(role, server_round)
+        sent = finish_backdoor_update(role, sent, server_round, benign=benign)
     elif cfg.local_dp:  # an honest client noises its own update before it leaves the device
         p = dict(cfg.local_dp)
         sent = local_dp_update(
             sent, float(p.pop("clipping_norm")), **p,
             generator=make_generator(derive_seed(cfg.seed, "local-dp", pid, "round", server_round)),
         )
-    if sent is not update:
+    if sent is not update or attacking:  # an attacker's reply is always global + sent
         for k, part in zip(keys, torch.split(sent, [new_state[k].numel() for k in keys]), strict=True):
             new_state[k] = global_state[k] + part.reshape(new_state[k].shape)
     metrics: dict[str, float | int] = {
         "num-examples": reported_examples(role, int(x.shape[0]), server_round),
         "train-loss": float(train_loss),
         **extra,
+        "train-seconds": time.perf_counter() - t0,
         "partition-id": pid,
         "num-partitions": int(context.node_config.get("num-partitions", -1)),
     }
@@ -245,9 +258,19 @@ def handle_query(msg: Message, context: Context) -> Message:
     blobs = {k: t.numpy().tobytes() for k, t in records["secagg-blobs"].to_torch_state_dict().items()
              } if "secagg-blobs" in records else {}
     saved = str(context.state["secagg"]["state"]) if "secagg" in context.state else None
+    # distributed DP noise (docs/secagg.md): from this node's CSPRNG by default, so the
+    # server cannot regenerate and subtract it; noise_seed='run' derives it from the run
+    # seed, round and node instead (reproducible, no protection against the server)
+    cfg = parse_run_config(context.run_config)
+    if cfg.secagg.get("noise_seed", "secret") == "run":
+        noise_seed = derive_seed(cfg.seed, "secagg-dp", _partition_id(context.node_config),
+                                 int(context.node_id), "round",
+                                 int(msg.content["config"]["server-round"]))
+    else:
+        noise_seed = int.from_bytes(os.urandom(8), "little")
     config, out_blobs, vector, new_state = secagg_reply(
         dict(msg.content.config_records["secagg"]), blobs, saved,
-        me=int(context.node_id), train=train)
+        me=int(context.node_id), train=train, noise_seed=noise_seed)
     context.state["secagg"] = ConfigRecord({"state": new_state})
     content: dict[str, Any] = {
         "secagg": ConfigRecord(config),

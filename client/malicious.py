@@ -9,6 +9,7 @@ trains honestly and the adversary replaces its update on the server side.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,16 +22,23 @@ from aggregation.registry import derive_seed, make_generator
 from .poisoning import DATA_ATTACKS
 
 __all__ = [
+    "BACKDOORS",
     "DATA_ATTACKS",
     "MaliciousRole",
     "backdoor_trigger",
-    "boost_factor",
     "data_attack_params",
+    "finish_backdoor_update",
     "is_client_side_attack",
     "malicious_partitions",
     "poison_data",
     "reported_examples",
 ]
+
+log = logging.getLogger("fedshield.client")
+
+BACKDOORS: tuple[str, ...] = ("backdoor", "dba", "neurotoxin")
+"""The data attacks that plant a trigger backdoor: the adversary measures their success
+rate on the triggered test set, and :func:`finish_backdoor_update` shapes their update."""
 
 
 @functools.lru_cache(maxsize=64)
@@ -118,7 +126,7 @@ def data_attack_params(attack: str, params: Mapping[str, Any]) -> dict[str, Any]
 
 
 def backdoor_trigger(params: Mapping[str, Any]) -> Any:
-    """The global BadNets trigger described by backdoor/dba attack params (pixel value 1.0).
+    """The global BadNets trigger described by a backdoor's attack params (pixel value 1.0).
 
     The value is the top of the [0, 1] input range that fedshield's datasets use.
     """
@@ -143,7 +151,7 @@ def poison_data(
     num_attackers: int,
     generator: torch.Generator,
 ) -> tuple[Tensor, Tensor]:
-    """Apply a data attack (label flip, backdoor, DBA) to this client's own ``(x, y)``.
+    """Apply a data attack (label flip, a backdoor) to this client's own ``(x, y)``.
 
     ``attacker_rank`` is this client's index among the attackers (DBA gives attacker ``i``
     part ``i mod K`` of the trigger). Returns the data unchanged for other attacks.
@@ -155,7 +163,7 @@ def poison_data(
         return x, poisoning.label_flip(
             y, num_classes, mode=p["mode"], target=int(p["target"]), generator=generator
         )
-    if role.attack in ("backdoor", "dba"):
+    if role.attack in BACKDOORS:  # all with the global trigger, DBA with its part of it
         p = data_attack_params(role.attack, role.params)
         trigger = backdoor_trigger(p)
         if role.attack == "dba":
@@ -180,8 +188,47 @@ def reported_examples(role: MaliciousRole, true_count: int, server_round: int) -
     return true_count
 
 
-def boost_factor(role: MaliciousRole, server_round: int) -> float:
-    """Model-replacement boost of a backdoor attacker's update (1.0 = none)."""
-    if role.attack in ("backdoor", "dba") and role.active(server_round):
-        return float(data_attack_params(role.attack, role.params)["boost"])
-    return 1.0
+def finish_backdoor_update(role: MaliciousRole, update: Tensor, server_round: int, *,
+                           benign: Tensor | None) -> Tensor:
+    """A backdoor attacker's last step on its ``(d,)`` update: Neurotoxin's projection
+    (``neurotoxin`` only, :func:`client.poisoning.neurotoxin`), then model replacement,
+    ``boost`` times the update scaled at most to the norm ``max_norm``
+    (:func:`client.poisoning.model_replacement`).
+
+    Parameters
+    ----------
+    role
+        This client's role; other attacks, and rounds before the attack starts, get
+        ``update`` back unchanged.
+    update
+        ``(d,)`` the update trained on the poisoned data.
+    server_round
+        The round, for the role's start and the log.
+    benign
+        ``(d,)`` Neurotoxin's benign direction, the global model's change since this client
+        last saw it; ``None`` when it has no earlier global model (then the plain backdoor
+        update is sent, and the log says so).
+
+    Returns
+    -------
+    Tensor
+        ``(d,)``, dtype and device of ``update``; with ``boost=1`` and ``max_norm=None``
+        (and no projection) exactly ``update * 1.0``.
+
+    Raises
+    ------
+    ValueError
+        If the update is not finite, or ``benign`` has another shape.
+    """
+    from . import poisoning
+
+    if role.attack not in BACKDOORS or not role.active(server_round):
+        return update
+    p = data_attack_params(role.attack, role.params)
+    if role.attack == "neurotoxin":
+        if benign is None:
+            log.info("round %d: neurotoxin has no earlier global model on this client (its "
+                     "first round), so it sends the plain backdoor update", server_round)
+        update = poisoning.neurotoxin(update, benign, top_k=float(p["top_k"]))
+    max_norm = None if p["max_norm"] is None else float(p["max_norm"])
+    return poisoning.model_replacement(update, scale=float(p["boost"]), max_norm=max_norm)

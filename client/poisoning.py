@@ -7,9 +7,9 @@ Data poisoning, the :data:`DATA_ATTACKS` registry
     (a lie about the example count, to weigh more in FedAvg).
 Update poisoning that needs only the client's own update
     :func:`boost_update` and :func:`model_replacement` (model replacement, constrain and
-    scale [Bagdasaryan et al., AISTATS 2020]: the ``backdoor`` attack's ``boost``),
+    scale [Bagdasaryan et al., AISTATS 2020]: every backdoor's ``boost`` and ``max_norm``),
     :func:`neurotoxin` (the backdoor projected off the coordinates benign clients use most
-    [Zhang et al., ICML 2022]) and the :data:`UPDATE_POISONINGS` registry (``sign_flip``,
+    [Zhang et al., ICML 2022]: the ``neurotoxin`` data attack) and the :data:`UPDATE_POISONINGS` registry (``sign_flip``,
     ``gaussian``), built with :func:`get_update_poisoning`.
 
 Each attack is registered next to the function it configures. Their names are distinct
@@ -550,21 +550,60 @@ def backdoor_poison(x: Tensor, y: Tensor, *, trigger: Trigger, target: int, frac
 
 @DATA_ATTACKS.register("backdoor")
 def _backdoor_attack(*, target: int = 0, fraction: float = 0.5, size: int = 2,
-                     pattern: str = "square", boost: float = 1.0) -> DataAttack:
+                     pattern: str = "square", boost: float = 1.0,
+                     max_norm: float | None = None) -> DataAttack:
     """``backdoor``: :func:`backdoor_poison` of a ``fraction`` of the client's samples with
     a ``size`` x ``size`` ``pattern`` trigger (``square`` or ``checker``) to class ``target``,
-    then the update boosted by ``boost`` (:func:`boost_update`)."""
+    then the update scaled by ``boost`` up to the norm ``max_norm``: model replacement,
+    constrain-and-scale with a bound (:func:`model_replacement`; ``boost=1``,
+    ``max_norm=None``: sent as trained)."""
+    _check_boost("backdoor", boost, max_norm)
     return DataAttack("backdoor", {"target": target, "fraction": fraction, "size": size,
-                                   "pattern": pattern, "boost": boost})
+                                   "pattern": pattern, "boost": boost, "max_norm": max_norm})
 
 
 @DATA_ATTACKS.register("dba")
 def _dba_attack(*, target: int = 0, fraction: float = 0.5, size: int = 2,
-                pattern: str = "square", boost: float = 1.0, parts: int = 4) -> DataAttack:
+                pattern: str = "square", boost: float = 1.0, max_norm: float | None = None,
+                parts: int = 4) -> DataAttack:
     """``dba``: as ``backdoor``, each attacker with its part of the trigger split in
     ``parts`` (:func:`distributed_triggers`)."""
+    _check_boost("dba", boost, max_norm)
     return DataAttack("dba", {"target": target, "fraction": fraction, "size": size,
-                              "pattern": pattern, "boost": boost, "parts": parts})
+                              "pattern": pattern, "boost": boost, "max_norm": max_norm,
+                              "parts": parts})
+
+
+@DATA_ATTACKS.register("neurotoxin")
+def _neurotoxin_attack(*, top_k: float = 0.05, target: int = 0, fraction: float = 0.5,
+                       size: int = 2, pattern: str = "square", boost: float = 1.0,
+                       max_norm: float | None = None) -> DataAttack:
+    """``neurotoxin``: the ``backdoor`` whose update is projected off the ``top_k`` share of
+    coordinates that changed most in the global model since this client last saw it
+    (:func:`neurotoxin`) [Zhang et al., ICML 2022], then boosted by ``boost`` up to the
+    norm ``max_norm`` (:func:`model_replacement`). The first round a client attacks
+    without an earlier global model it sends the plain (boosted) backdoor update."""
+    _check_boost("neurotoxin", boost, max_norm)
+    _check_top_k("neurotoxin", top_k)
+    return DataAttack("neurotoxin", {"target": target, "fraction": fraction, "size": size,
+                                     "pattern": pattern, "boost": boost,
+                                     "max_norm": max_norm, "top_k": top_k})
+
+
+def _check_boost(where: str, boost: float, max_norm: float | None) -> None:
+    _check_positive(where, "boost", boost)
+    if max_norm is not None:
+        _check_positive(where, "max_norm", max_norm)
+
+
+def _check_top_k(where: str, top_k: float) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, float)) or not (
+        0.0 <= float(top_k) < 1.0
+    ):
+        raise ValueError(
+            f"{where}: top_k must be a fraction in [0, 1) (the share of coordinates "
+            f"left to the benign clients), got {top_k!r}"
+        )
 
 
 # --------------------------------------------------------------------------- own-update attacks
@@ -612,8 +651,11 @@ def model_replacement(update: Tensor, *, scale: float,
 
     The constraint the paper adds to the attacker's training loss is a change to local
     training, not to the update, and is not part of this function. In a run config, model
-    replacement without a norm bound is the ``backdoor`` (or ``dba``) data attack with
-    ``boost = n / eta``: :func:`boost_update` is this function with ``max_norm=None``.
+    replacement is the ``backdoor`` data attack with ``boost = gamma`` and ``max_norm = S``
+    (``dba`` and ``neurotoxin`` take them too); ``gamma = n / eta`` depends on the server's
+    learning rate and on how many clients it averages, which a client does not know, so
+    ``boost`` is given explicitly. :func:`boost_update` is this function with
+    ``max_norm=None``.
 
     Parameters
     ----------
@@ -678,10 +720,7 @@ def neurotoxin_mask(benign: Tensor, *, top_k: float) -> Tensor:
     tensor([ True, False,  True, False])
     """
     _check_update("neurotoxin", benign, flat=True)
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, float)) or not (
-        0.0 <= float(top_k) < 1.0
-    ):
-        raise ValueError(f"neurotoxin: top_k must be a fraction in [0, 1), got {top_k!r}")
+    _check_top_k("neurotoxin", top_k)
     d = benign.shape[0]
     k = math.ceil(float(top_k) * d)
     order = torch.sort(benign.abs(), descending=True, stable=True).indices

@@ -59,14 +59,19 @@ def secagg_reply(
     *,
     me: int,
     train: Train,
+    noise_seed: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, bytes], Tensor | None, str]:
     """One protocol step: ``(config, blobs, masked vector or None, new saved state)``.
+
+    ``noise_seed`` seeds this client's distributed DP noise (used only when the server's
+    parameters ask for it).
 
     The masked vector is returned as a signed tensor of the same width (``int32`` for
     ``bits <= 32``): same bytes, a dtype every transport carries.
     """
     state = state_from_json(saved) if saved else None
-    reply, new_state = client_step(Msg(dict(config), dict(blobs)), state, me=me, train=train)
+    reply, new_state = client_step(Msg(dict(config), dict(blobs)), state, me=me, train=train,
+                                   noise_seed=noise_seed)
     vector = None
     if reply.vector is not None:
         signed = np.int32 if reply.vector.dtype == np.uint32 else np.int64

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import signal
@@ -80,6 +81,10 @@ FLWR_QUIET_ENV: dict[str, str] = {
 }
 
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
+# times a SuperNode whose Runtime API port was taken is started again on another port
+PORT_RETRIES = 3
+
+log = logging.getLogger("fedshield.deploy")
 _FINISHED = "finished"
 
 
@@ -167,6 +172,14 @@ class Federation:
     force
         Replace the certificates and keys an earlier federation generated in
         ``workdir/certs`` (``--force``); without it they are never overwritten.
+    database
+        Keep the SuperLink's state in the SQLite file ``workdir/state.db`` (it survives a
+        SuperLink restart). ``False`` keeps it in memory: Flower 1.41's SQLite state
+        answers concurrent uploads with HTTP 500 ("database is locked", a 5 s busy
+        timeout, no retry) once about ten SuperNodes upload at once, and the lost replies
+        leave the round waiting for ``round-timeout``; with the state in memory the same 20
+        nodes all get through. A restarted in-memory SuperLink starts empty (its nodes
+        register and activate again).
 
     Raises
     ------
@@ -197,6 +210,7 @@ class Federation:
         extra_env: Mapping[str, str] | None = None,
         die_with_parent: bool = True,
         force: bool = False,
+        database: bool = True,
     ) -> None:
         if num_nodes < 0:
             raise ValueError(f"num_nodes must be >= 0, got {num_nodes}")
@@ -219,6 +233,8 @@ class Federation:
         self.bin_dir = Path(bin_dir) if bin_dir is not None else Path(sys.executable).parent
         self.tag = uuid.uuid4().hex
         self.die_with_parent = die_with_parent
+        self.database = database
+        self._port_retries: dict[int, int] = {}
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.flwr_home = self.workdir / "flwr-home"
         self.log_dir = self.workdir / "logs"
@@ -298,7 +314,8 @@ class Federation:
 
     # ------------------------------------------------------------------ SuperLink
     def start_superlink(self, *, port: int | None = None, timeout: float = 60.0) -> None:
-        """Start the SuperLink (database ``workdir/state.db``) and wait until it listens.
+        """Start the SuperLink (state in ``workdir/state.db``, or in memory when
+        ``database`` is false) and wait until it listens.
 
         Raises
         ------
@@ -312,7 +329,7 @@ class Federation:
             str(self.bin_dir / "flower-superlink"),
             "--host", self.host,
             "--port", str(self.port),
-            "--database", str(self.workdir / "state.db"),
+            *(["--database", str(self.workdir / "state.db")] if self.database else []),
             "--disable-runtime-dependency-installation",
         ]
         if self.tls:
@@ -428,6 +445,36 @@ class Federation:
         else:
             self._others.append(proc)
         return proc
+
+    def _check_supernodes(self, node_ids: set[int] | None) -> None:
+        """While waiting for nodes: restart a SuperNode that lost its Runtime API port.
+
+        :func:`free_port` picks a port that another process may take before the SuperNode
+        binds it (many nodes starting at once, other servers on the machine); such a node
+        exits with "address already in use" and is started again on a new port, at most
+        :data:`PORT_RETRIES` times. A node awaited (``node_ids``, or every node when
+        ``None``) that exited for another reason ends the wait at once.
+
+        Raises
+        ------
+        RuntimeError
+            Naming the node, with its log's tail.
+        """
+        for i, proc in list(self.supernodes.items()):
+            if proc.alive():
+                continue
+            text = proc.log()
+            if "address already in use" in text and self._port_retries.get(i, 0) < PORT_RETRIES:
+                self._port_retries[i] = self._port_retries.get(i, 0) + 1
+                log.warning("node-%d: its Runtime API port was taken; starting it again on "
+                            "another port (retry %d of %d)", i, self._port_retries[i],
+                            PORT_RETRIES)
+                self.start_supernode(i)
+                continue
+            awaited = node_ids is None or self.node_ids.get(i) in node_ids
+            if awaited:
+                raise RuntimeError(f"node-{i} exited while the federation waited for it:\n"
+                                   f"{text[-1500:]}")
 
     def start_supernodes(self) -> None:
         """Start every SuperNode ``0..num_nodes-1``."""
@@ -555,6 +602,7 @@ class Federation:
         """
         deadline = time.monotonic() + timeout
         while not node_ids <= self.activated():
+            self._check_supernodes(node_ids)
             if time.monotonic() > deadline:
                 tails = "\n".join(
                     f"--- {p.name}\n{p.log()[-1500:]}" for p in self.supernodes.values()
@@ -579,6 +627,7 @@ class Federation:
             ids = dict(self.node_ids)
             # without authentication a node gets a fresh id at each start and logs it
             while len(ids) < self.num_nodes:
+                self._check_supernodes(None)
                 for i in range(self.num_nodes):
                     try:
                         ids[i] = self.node_id(i)
@@ -719,6 +768,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true",
                    help="plain HTTP, no TLS and no node authentication (NOT for real data)")
     p.add_argument("--no-auth", action="store_true", help="TLS without node authentication")
+    p.add_argument("--in-memory", action="store_true",
+                   help="keep the SuperLink's state in memory, not in SQLite (many nodes: "
+                        "Flower 1.41's SQLite state drops concurrent uploads; lost on restart)")
     p.add_argument("--data-path", action="append", default=[],
                    help="I=PATH: node I trains on its own .npz file (repeatable)")
     p.add_argument("--run", metavar="APP_DIR",
@@ -773,6 +825,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         fed = Federation(args.workdir, num_nodes=args.nodes, tls=tls,
                          auth=tls and not args.no_auth, certs=certs, node_config=extra,
+                         database=not args.in_memory,
                          force=args.force)
     except FileExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)

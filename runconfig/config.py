@@ -19,9 +19,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .spec import Spec, parse_params, parse_specs
+from .spec import Spec, parse_params, parse_spec, parse_specs
 
-__all__ = ["APP_KEYS", "ATTACK_KNOWLEDGE", "RunConfig", "Scalar", "config_value"]
+__all__ = ["APP_KEYS", "ATTACK_KNOWLEDGE", "ENGINES", "RunConfig", "Scalar", "check_engine",
+           "config_value"]
 
 Scalar = bool | int | float | str
 
@@ -38,6 +39,7 @@ APP_KEYS: dict[str, Scalar] = {
     "aggregator": "mean",
     "aggregator-params": "",
     "pre-aggregation": "",
+    "root-dataset": "",
     # task
     "task": "simulations.task:build_task",
     "dataset": "digits",
@@ -76,6 +78,33 @@ APP_KEYS: dict[str, Scalar] = {
 }
 
 ATTACK_KNOWLEDGE = ("omniscient", "own-data")
+# How the in-process engine runs a round's clients (its key ``engine``, not an app key: a
+# deployment's clients are separate processes): one ClientApp call per node, or all the
+# sampled clients trained as one batched computation (simulations/batched.py).
+ENGINES = ("per-client", "batched")
+
+
+def check_engine(value: object) -> str:
+    """The in-process engine's ``engine`` setting, checked: one of :data:`ENGINES`.
+
+    Raises
+    ------
+    ValueError
+        Any other value.
+
+    Examples
+    --------
+    >>> check_engine("batched")
+    'batched'
+    """
+    if not isinstance(value, str) or value not in ENGINES:
+        raise ValueError(
+            f"engine must be one of {', '.join(ENGINES)}, got {value!r}: 'per-client' calls "
+            "the ClientApp once per node, 'batched' trains a round's clients as one computation"
+        )
+    return value
+# the sources of a server's root dataset (FLTrust) and the parameter each takes
+ROOT_DATASETS = {"held-out": "size", "file": "path"}
 DP_SGD_KEYS = (
     "noise_multiplier", "max_grad_norm", "delta", "target_epsilon", "max_epsilon", "accountant",
 )
@@ -83,8 +112,12 @@ LOCAL_DP_KEYS = ("clipping_norm", "noise_std", "epsilon", "delta", "method")
 ADVERSARIAL_KEYS = ("eps", "alpha", "steps")
 SECAGG_KEYS = (
     "threshold", "neighbours", "clip", "bits", "key_agreement", "max_weight", "groups",
-    "group_rounds",
+    "group_rounds", "noise_seed",
 )
+# where a client's distributed DP noise comes from (secagg with central-dp): ``secret``, the
+# node's OS CSPRNG (a server cannot regenerate it); ``run``, derived from the run seed, round
+# and node (reproducible from the saved config, but the server can remove the noise)
+NOISE_SEEDS = ("secret", "run")
 
 _KINDS: dict[type, tuple[type, ...]] = {
     bool: (bool,),
@@ -132,6 +165,36 @@ def _options(cfg: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> dict
     return params
 
 
+def _root_dataset(text: str) -> Spec | None:
+    """The ``root-dataset`` spec (``None`` when empty), its source and parameter checked.
+
+    Whether the file exists and fits the task is checked by the server, which holds it
+    (clients parse the same run config without the file).
+    """
+    if not text.strip():
+        return None
+    spec = parse_spec(text, what="root-dataset")
+    if spec.name not in ROOT_DATASETS:
+        raise ValueError(
+            f"root-dataset source {spec.name!r} is unknown; valid: 'held-out(size=N)' (N "
+            "training examples kept by the server) or 'file(path=PATH)' (an .npz file)"
+        )
+    param = ROOT_DATASETS[spec.name]
+    if set(spec.params) != {param}:
+        raise TypeError(
+            f"root-dataset {spec.name} takes exactly one parameter, {param}, got "
+            f"{sorted(spec.params) or 'none'}: e.g. "
+            + ("'held-out(size=100)'" if spec.name == "held-out" else "'file(path=root.npz)'")
+        )
+    value = spec.params[param]
+    if spec.name == "held-out" and (isinstance(value, bool) or not isinstance(value, int)
+                                    or value < 1):
+        raise ValueError(f"root-dataset held-out needs an int size >= 1, got size={value!r}")
+    if spec.name == "file" and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(f"root-dataset file needs a path, got path={value!r}")
+    return spec
+
+
 def _spec(cfg: Mapping[str, Any], name_key: str, params_key: str) -> Spec:
     name = config_value(cfg, name_key, str).strip()
     if not name:
@@ -155,6 +218,7 @@ class RunConfig:
     server_device: str
     rule: Spec
     pre_aggregation: tuple[Spec, ...]
+    root_dataset: Spec | None
     task: str
     dataset: str
     partitioner: Spec
@@ -220,6 +284,7 @@ class RunConfig:
             server_device=get("server-device"),
             rule=_spec(cfg, "aggregator", "aggregator-params"),
             pre_aggregation=tuple(parse_specs(get("pre-aggregation"), what="pre-aggregation step")),
+            root_dataset=_root_dataset(get("root-dataset")),
             task=get("task"),
             dataset=get("dataset"),
             partitioner=_spec(cfg, "partitioner", "partitioner-params"),
@@ -298,10 +363,33 @@ class RunConfig:
 
     def _check_secagg(self) -> None:
         groups = self.secagg.get("groups", 0)
-        if self.central_dp:
+        noise_seed = self.secagg.get("noise_seed", "secret")
+        if noise_seed not in NOISE_SEEDS:
             raise ValueError(
-                "secagg with central-dp (distributed DP: each client adds its share of the noise "
-                "before masking) is not implemented yet; drop one of secagg or central-dp")
+                f"secagg noise_seed must be one of {list(NOISE_SEEDS)}, got {noise_seed!r}: "
+                "'secret' (default) draws each client's distributed DP noise from its own "
+                "CSPRNG; 'run' derives it from the run seed (reproducible, but the server can "
+                "regenerate and subtract it)")
+        if "noise_seed" in self.secagg and not self.central_dp:
+            raise ValueError(
+                "secagg noise_seed is for distributed DP (secagg with central-dp), which this "
+                "run does not use: drop noise_seed or set central-dp")
+        if self.central_dp:  # distributed DP (docs/secagg.md): refuse what it cannot do
+            given = sorted(set(self.secagg) & {"clip", "max_weight"})
+            if given:
+                raise ValueError(
+                    f"secagg {given} with central-dp: under distributed DP central-dp's "
+                    "clipping_norm is the clipping bound and every client weighs 1; drop "
+                    f"{given} from secagg")
+            if groups:
+                raise ValueError(
+                    "secagg groups with central-dp: the noise is calibrated for the unweighted "
+                    "mean of clipped updates, not for a rule over group means; drop groups")
+            if str(self.central_dp.get("adaptive", False)).lower() == "true":
+                raise ValueError(
+                    "central-dp adaptive=true with secagg: adaptive clipping needs a noised "
+                    "count of clipped clients, which distributed DP does not aggregate; use a "
+                    "fixed clipping_norm")
         if self.min_clients < 2:
             raise ValueError(
                 f"secagg needs min-clients >= 2 (the sum of one update is that update), got "

@@ -1,5 +1,5 @@
 """Secure aggregation: SecAgg+ [Bell et al., CCS 2020] with dropouts, masks from the full
-key, and an optional hybrid X25519 + ML-KEM-768 key agreement.
+key, an optional hybrid X25519 + ML-KEM-768 key agreement, and distributed DP.
 
 A base package (beside :mod:`aggregation` and :mod:`privacy`): numpy, ``cryptography``,
 no Flower, no server or client. The round component is :mod:`server.secagg`, the client's
@@ -13,6 +13,8 @@ handler :mod:`client.secagg`; ``docs/secagg.md`` states the threat model.
 :mod:`secagg.shamir`                      Shamir sharing over ``GF(2^256 + 297)``
 :mod:`secagg.graph`                       the neighbour graph and the threshold
 :mod:`secagg.protocol`                    the client and server state machines
+:mod:`secagg.ddp`                         distributed DP: the clients' discrete Gaussian
+                                          noise on the quantised updates
 :mod:`secagg.local`                       every party in one process (tests, bench)
 ========================================  ==================================================
 """

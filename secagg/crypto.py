@@ -45,9 +45,11 @@ __all__ = [
     "kem_decapsulate",
     "kem_encapsulate",
     "kem_keypair",
+    "kem_private",
     "kem_public",
     "mask_stream",
     "x25519_keypair",
+    "x25519_private",
     "x25519_shared",
 ]
 
@@ -122,12 +124,18 @@ def x25519_keypair(random_bytes: RandomBytes = os.urandom) -> X25519Pair:
     return X25519Pair(sk.private_bytes_raw(), sk.public_key().public_bytes_raw())
 
 
-def x25519_shared(private: bytes, public: bytes) -> bytes:
-    """The X25519 shared secret of our ``private`` key and their ``public`` key."""
+def x25519_private(private: bytes) -> X25519PrivateKey:
+    """The key object of a raw private key: load it once, agree with many peers."""
+    return X25519PrivateKey.from_private_bytes(private)
+
+
+def x25519_shared(private: bytes | X25519PrivateKey, public: bytes) -> bytes:
+    """The X25519 shared secret of our ``private`` key (raw, or from :func:`x25519_private`)
+    and their ``public`` key."""
     if len(public) != X25519_BYTES:
         raise ValueError(f"an X25519 public key has 32 bytes, got {len(public)}")
-    return X25519PrivateKey.from_private_bytes(private).exchange(
-        X25519PublicKey.from_public_bytes(public))
+    sk = x25519_private(private) if isinstance(private, bytes) else private
+    return sk.exchange(X25519PublicKey.from_public_bytes(public))
 
 
 def kem_keypair(random_bytes: RandomBytes = os.urandom) -> tuple[bytes, bytes]:
@@ -150,10 +158,18 @@ def kem_encapsulate(public: bytes) -> tuple[bytes, bytes]:
     return shared, ct
 
 
-def kem_decapsulate(seed: bytes, ciphertext: bytes) -> bytes:
-    """The shared secret of ``ciphertext``. A tampered ciphertext does not raise here
-    (ML-KEM rejects implicitly with a pseudo-random secret): callers confirm the key."""
+def kem_private(seed: bytes) -> MLKEM768PrivateKey:
+    """The decapsulation key of ``seed``, expanded once (expanding costs about three
+    decapsulations, profiled here: keep it for the stage, not per ciphertext)."""
+    return MLKEM768PrivateKey.from_seed_bytes(seed)
+
+
+def kem_decapsulate(seed: bytes | MLKEM768PrivateKey, ciphertext: bytes) -> bytes:
+    """The shared secret of ``ciphertext`` for the key ``seed`` (or :func:`kem_private`'s
+    object). A tampered ciphertext does not raise here (ML-KEM rejects implicitly with a
+    pseudo-random secret): callers confirm the key."""
     if len(ciphertext) != KEM_CIPHERTEXT_BYTES:
         raise AuthenticationError(
             f"an ML-KEM-768 ciphertext has {KEM_CIPHERTEXT_BYTES} bytes, got {len(ciphertext)}")
-    return MLKEM768PrivateKey.from_seed_bytes(seed).decapsulate(ciphertext)
+    sk = kem_private(seed) if isinstance(seed, bytes) else seed
+    return sk.decapsulate(ciphertext)

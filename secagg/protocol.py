@@ -47,6 +47,7 @@ receiver inside the encrypted shares, so a tampered ciphertext fails loudly
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -70,10 +71,13 @@ from .crypto import (
     kem_decapsulate,
     kem_encapsulate,
     kem_keypair,
+    kem_private,
     mask_stream,
     x25519_keypair,
+    x25519_private,
     x25519_shared,
 )
+from .ddp import DistributedDP
 from .graph import neighbour_count, neighbours, threshold_for
 from .quantise import Quantiser, ring_dtype
 
@@ -125,6 +129,10 @@ class SecAggParams:
         ``"x25519"`` or ``"hybrid"`` (X25519 and ML-KEM-768 through HKDF).
     max_weight
         Largest integer weight (example count) a client may have; sizes the quantiser.
+    noise_multiplier
+        ``z``; ``0`` (default): no noise. ``z > 0``: distributed DP (:mod:`secagg.ddp`):
+        ``clip`` is then the L2 clipping norm ``C``, every weight is 1, and each client adds
+        discrete Gaussian noise so that any ``t`` survivors' sum has noise ``z Delta``.
     """
 
     threshold: int | float = 0.6
@@ -133,6 +141,7 @@ class SecAggParams:
     bits: int = 32
     key_agreement: str = "x25519"
     max_weight: int = 1024
+    noise_multiplier: float = 0.0
 
     def __post_init__(self) -> None:
         if self.key_agreement not in KEY_AGREEMENTS:
@@ -149,6 +158,17 @@ class SecAggParams:
             raise ValueError(f"secagg max_weight must be an int >= 1, got {self.max_weight!r}")
         Quantiser.for_round(clip=self.clip, bits=self.bits, num_clients=1,
                             max_weight=self.max_weight)
+        z = self.noise_multiplier
+        if isinstance(z, bool) or not isinstance(z, (int, float)) or not 0 <= z < math.inf:
+            raise ValueError(f"secagg noise_multiplier must be a finite number >= 0, got {z!r}")
+        if self.dp:
+            DistributedDP.for_round(clip=self.clip, noise_multiplier=z, bits=self.bits,
+                                    num_clients=1, dim=1)
+
+    @property
+    def dp(self) -> bool:
+        """Distributed DP: each client noises its update (``noise_multiplier > 0``)."""
+        return self.noise_multiplier > 0
 
     @property
     def hybrid(self) -> bool:
@@ -157,11 +177,16 @@ class SecAggParams:
     def to_config(self) -> dict[str, int | float | str]:
         return {"threshold": self.threshold, "neighbours": self.neighbours, "clip": self.clip,
                 "bits": self.bits, "key_agreement": self.key_agreement,
-                "max_weight": self.max_weight}
+                "max_weight": self.max_weight, "noise_multiplier": self.noise_multiplier}
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> SecAggParams:
         return cls(**{k: cfg[k] for k in cls().to_config()})
+
+    def dp_for(self, num_clients: int, dim: int) -> DistributedDP:
+        """The distributed DP grid of a round of ``num_clients`` clients and ``d = dim``."""
+        return DistributedDP.for_round(clip=self.clip, noise_multiplier=self.noise_multiplier,
+                                       bits=self.bits, num_clients=num_clients, dim=dim)
 
 
 @dataclass
@@ -250,11 +275,14 @@ def client_step(
     me: int,
     train: Callable[[], tuple[NDArray[np.floating], int]],
     random_bytes: RandomBytes = os.urandom,
+    noise_seed: int | None = None,
 ) -> tuple[Msg, dict[str, Any]]:
     """Answer one server request; ``state`` is what the previous step returned (JSON-able).
 
     ``train()`` is called only at ``masked-input`` and returns the update ``(d,)`` and the
-    client's integer weight.
+    client's integer weight. ``noise_seed`` seeds the distributed DP noise (needed when the
+    server's parameters ask for it; a seed the server cannot know keeps the noise secret
+    from it, see ``docs/secagg.md``).
 
     Raises
     ------
@@ -283,7 +311,7 @@ def client_step(
         return _share_keys(msg, dict(state), me, random_bytes)
     if stage == "masked-input":
         update, weight = train()
-        return _masked_input(msg, dict(state), me, update, weight)
+        return _masked_input(msg, dict(state), me, update, weight, noise_seed)
     return _unmask(msg, dict(state), me)
 
 
@@ -291,16 +319,21 @@ def _advertise(msg: Msg, session: str, me: int, random_bytes: RandomBytes
                ) -> tuple[Msg, dict[str, Any]]:
     params = SecAggParams.from_config(msg.config)
     n = int(msg.config["num-clients"])
-    q = Quantiser.for_round(clip=params.clip, bits=params.bits, num_clients=n,
-                            max_weight=params.max_weight)
-    if int(msg.config["levels"]) != q.levels:
+    if params.dp:
+        levels = params.dp_for(n, int(msg.config["dim"])).levels
+    else:
+        levels = Quantiser.for_round(clip=params.clip, bits=params.bits, num_clients=n,
+                                     max_weight=params.max_weight).levels
+    if int(msg.config["levels"]) != levels:
         raise ValueError(f"server asks for {msg.config['levels']} quantisation levels, but "
-                         f"{q.levels} follow from its parameters")
+                         f"{levels} follow from its parameters")
     c, s = x25519_keypair(random_bytes), x25519_keypair(random_bytes)
     state: dict[str, Any] = {
         "session": session, "done": "advertise-keys", "params": params.to_config(),
         "num-clients": n, "c-sk": c.private.hex(), "s-sk": s.private.hex(),
     }
+    if params.dp:
+        state["dim"] = int(msg.config["dim"])
     keys = c.public + s.public
     if params.hybrid:
         c_kem, c_kem_pk = kem_keypair(random_bytes)
@@ -335,8 +368,9 @@ def _share_keys(msg: Msg, state: dict[str, Any], me: int, random_bytes: RandomBy
     s_shares = shamir.share(s_secret, holders, t, random_bytes)
     out = Msg()
     kem_secrets: dict[str, str] = {}
+    c_sk = x25519_private(bytes.fromhex(state["c-sk"]))  # loaded once for all neighbours
     for j in holders:
-        dh_c = x25519_shared(bytes.fromhex(state["c-sk"]), keys[j]["c"])
+        dh_c = x25519_shared(c_sk, keys[j]["c"])
         prefix, kem_c, plain_extra = b"", b"", b""
         if params.hybrid:
             kem_c, ct_c = kem_encapsulate(keys[j]["c-kem"])
@@ -360,14 +394,19 @@ def _share_keys(msg: Msg, state: dict[str, Any], me: int, random_bytes: RandomBy
 
 
 def _masked_input(
-    msg: Msg, state: dict[str, Any], me: int, update: NDArray[np.floating], weight: int
+    msg: Msg, state: dict[str, Any], me: int, update: NDArray[np.floating], weight: int,
+    noise_seed: int | None,
 ) -> tuple[Msg, dict[str, Any]]:
     params = SecAggParams.from_config(state["params"])
     session = state["session"]
     hybrid = params.hybrid
     q = Quantiser.for_round(clip=params.clip, bits=params.bits,
                             num_clients=state["num-clients"], max_weight=params.max_weight)
-    if weight > params.max_weight:
+    if params.dp and noise_seed is None:
+        raise ValueError("masked-input: the server asks for distributed DP "
+                         f"(noise_multiplier={params.noise_multiplier}) but this client was "
+                         "given no noise_seed")
+    if not params.dp and weight > params.max_weight:
         raise ValueError(f"this client's weight {weight} exceeds secagg max_weight="
                          f"{params.max_weight}: raise max_weight in the secagg setting")
     senders = sorted(int(key.split(":")[1]) for key in msg.blobs if key.startswith("from:"))
@@ -379,11 +418,15 @@ def _masked_input(
     n_s = n_b * _secret_bytes(hybrid) // shamir.CHUNK
     held: dict[str, dict[str, str]] = {}
     seeds: dict[int, bytes] = {}
+    # keys loaded (ML-KEM: expanded from its seed) once for all neighbours
+    c_sk, s_sk = (x25519_private(bytes.fromhex(state[k])) for k in ("c-sk", "s-sk"))
+    c_kem_sk = kem_private(bytes.fromhex(state["c-kem"])) if hybrid else None
+    s_kem_sk = kem_private(bytes.fromhex(state["s-kem"])) if hybrid else None
     for i in senders:
         keys = {n: bytes.fromhex(v) for n, v in state["keys"][str(i)].items()}
         ct_c, ct_s, sealed = _split_share_blob(msg.blobs[f"from:{i}"], i, me, hybrid)
-        kem_c = kem_decapsulate(bytes.fromhex(state["c-kem"]), ct_c) if hybrid else b""
-        dh_c = x25519_shared(bytes.fromhex(state["c-sk"]), keys["c"])
+        kem_c = kem_decapsulate(c_kem_sk, ct_c) if c_kem_sk is not None else b""
+        dh_c = x25519_shared(c_sk, keys["c"])
         plain = decrypt(_channel_key(session, i, me, dh_c, kem_c), sealed,
                         _share_aad(session, i, me), f"the shares client {i} sent to {me}")
         expected = n_b + n_s + (CONFIRM_BYTES if hybrid and i < me else 0)
@@ -393,22 +436,32 @@ def _masked_input(
         kem_s = b""
         if hybrid:
             if i < me:
-                kem_s = kem_decapsulate(bytes.fromhex(state["s-kem"]), ct_s)
+                assert s_kem_sk is not None
+                kem_s = kem_decapsulate(s_kem_sk, ct_s)
                 if _confirm(session, i, me, kem_s) != plain[n_b + n_s:]:
                     raise AuthenticationError(
                         f"the mask KEM ciphertext of pair ({i}, {me}) failed key confirmation: "
                         "it was altered in transit")
             else:
                 kem_s = bytes.fromhex(state["kem-secrets"][str(i)])
-        dh_s = x25519_shared(bytes.fromhex(state["s-sk"]), keys["s"])
+        dh_s = x25519_shared(s_sk, keys["s"])
         seeds[i] = _pair_seed(session, i, me, dh_s, kem_s)
-    encoded, clipped = q.encode(update, weight)
+    if params.dp:  # the L2-clipped update on the grid, plus this client's share of the noise
+        ddp = params.dp_for(state["num-clients"], state["dim"])
+        noise = ddp.noise(state["t"], np.random.default_rng(noise_seed))
+        encoded = q.reduce(ddp.encode(update) + noise)
+        weight, clipped = 1, 0  # unweighted, and no un-noised statistic
+    else:
+        encoded, clipped = q.encode(update, weight)
     d = encoded.shape[0]
     y = np.concatenate([encoded, np.array([weight, clipped], dtype=q.dtype)])
-    y = y + mask_stream(bytes.fromhex(state["b"]), d + EXTRA, params.bits)
+    y += mask_stream(bytes.fromhex(state["b"]), d + EXTRA, params.bits)  # in place: y is ours
     for i, seed in seeds.items():
         stream = mask_stream(seed, d + EXTRA, params.bits)
-        y = y + stream if me < i else y - stream
+        if me < i:
+            y += stream
+        else:
+            y -= stream
     state.update({"done": "masked-input", "held": held})
     for secret in ("kem-secrets", "b"):  # no longer needed: the server unmasks from shares
         state.pop(secret)
@@ -448,11 +501,23 @@ class SecAggResult:
     survivors: tuple[int, ...]
     dropped: dict[str, dict[int, str]]  # stage -> node -> why
     quantiser: Quantiser
+    dp: DistributedDP | None = None  # distributed DP: the sum holds noise
+    threshold: int = 0  # t of this aggregation
 
     def mean(self) -> NDArray[np.float64]:
         """The weighted mean ``(d,)`` of the survivors' clipped updates (within
-        ``quantiser.error_bound`` per coordinate)."""
+        ``quantiser.error_bound`` per coordinate); with distributed DP the noised sum over
+        the number of survivors."""
+        if self.dp is not None:
+            return self.noised_sum() / self.weight
         return self.quantiser.decode(self.total, self.weight)
+
+    def noised_sum(self) -> NDArray[np.float64]:
+        """Distributed DP: ``(d,)`` the sum of the survivors' L2-clipped updates plus noise of
+        variance ``n_s sigma^2 / t`` per integer coordinate (times ``step^2``)."""
+        if self.dp is None:
+            raise ValueError("noised_sum() needs distributed DP (noise_multiplier > 0)")
+        return self.dp.decode_sum(self.total, len(self.survivors))
 
 
 class ServerSession:
@@ -494,6 +559,7 @@ class ServerSession:
         self.quantiser = Quantiser.for_round(
             clip=params.clip, bits=params.bits, num_clients=len(self.members),
             max_weight=params.max_weight)
+        self.dp = params.dp_for(len(self.members), dim) if params.dp else None
         if len(self.members) * dim >= 2**params.bits:
             raise ValueError(f"bits={params.bits} cannot count the clipped coordinates of "
                              f"{len(self.members)} clients with d={dim}: raise bits")
@@ -531,8 +597,11 @@ class ServerSession:
 
     def advertise(self) -> dict[int, Msg]:
         """Requests of stage ``advertise-keys`` to every member."""
-        msg = self._request("advertise-keys", **self.params.to_config(),
-                            **{"num-clients": len(self.members), "levels": self.quantiser.levels})
+        extra: dict[str, int] = {"num-clients": len(self.members),
+                                 "levels": self.quantiser.levels}
+        if self.dp is not None:
+            extra.update(levels=self.dp.levels, dim=self.dim)
+        msg = self._request("advertise-keys", **self.params.to_config(), **extra)
         return {n: msg for n in self.members}
 
     def share_keys(self, replies: Mapping[int, Msg | str]) -> dict[int, Msg]:
@@ -656,6 +725,9 @@ class ServerSession:
                 total -= mask_stream(secret, size, bits)
                 continue
             s_sk, s_kem = secret[:X25519_BYTES], secret[X25519_BYTES:]
+            s_key = x25519_private(s_sk)  # loaded once for all of i's surviving neighbours
+            s_kem_key = kem_private(s_kem) if hybrid and any(
+                j < i for j in self.graph[i] & survivors) else None
             for j in sorted(self.graph[i] & survivors):
                 kem = b""
                 if hybrid:
@@ -664,16 +736,21 @@ class ServerSession:
                                       _wrap_aad(self.session, i, j), f"the KEM wrap of {i}")
                     else:
                         _, ct_s, _ = _split_share_blob(self.shared[j][f"to:{i}"], j, i, True)
-                        kem = kem_decapsulate(s_kem, ct_s)
+                        assert s_kem_key is not None
+                        kem = kem_decapsulate(s_kem_key, ct_s)
                 seed = _pair_seed(self.session, i, j,
-                                  x25519_shared(s_sk, self.keys[j]["s"]), kem)
+                                  x25519_shared(s_key, self.keys[j]["s"]), kem)
                 stream = mask_stream(seed, size, bits)
                 # j added the stream if j < i, else subtracted it
-                total = total - stream if j < i else total + stream
+                if j < i:
+                    total -= stream
+                else:
+                    total += stream
         total = self.quantiser.reduce(total)
         weight, clipped = int(total[self.dim]), int(total[self.dim + 1])
         return SecAggResult(total[:self.dim].copy(), weight, clipped, tuple(sorted(survivors)),
-                            {s: dict(v) for s, v in self.dropped.items()}, self.quantiser)
+                            {s: dict(v) for s, v in self.dropped.items()}, self.quantiser,
+                            self.dp, self.t)
 
 
 def state_to_json(state: Mapping[str, Any]) -> str:

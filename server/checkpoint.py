@@ -338,7 +338,8 @@ def _model_mismatch(saved: Mapping[str, Tensor], model: Mapping[str, Tensor]) ->
 def check_like(value: object, template: object, what: str) -> None:
     """Check that ``value`` has the structure of ``template`` (e.g. a rule's first state).
 
-    Tensors must match in shape and dtype (and be finite), dicts in keys, lists and tuples
+    Tensors must match in shape and dtype (and be finite; a template with 0 rows, a table
+    that grows such as a per-client history, takes any number of rows), dicts in keys, lists and tuples
     in length, other values in type; numbers may differ in value.
 
     Raises
@@ -353,13 +354,25 @@ def check_like(value: object, template: object, what: str) -> None:
     Traceback (most recent call last):
     ...
     ValueError: rule state: a tensor of shape (2,), expected (3,)
+    >>> check_like(torch.zeros(4, 3), torch.zeros(0, 3), "history")
+    >>> check_like(torch.zeros(4, 2), torch.zeros(0, 3), "history")
+    Traceback (most recent call last):
+    ...
+    ValueError: history: a tensor of shape (4, 2), expected (k, 3)
     """
     if isinstance(template, Tensor):
         if not isinstance(value, Tensor):
             raise ValueError(f"{what}: {type(value).__name__}, expected a tensor")
-        if tuple(value.shape) != tuple(template.shape):
+        # a template with no rows is a table that grows (per-client histories, keyed by
+        # client id): any number of rows, the same shape otherwise
+        growing = template.dim() >= 1 and template.shape[0] == 0
+        same = (value.dim() == template.dim() and value.shape[1:] == template.shape[1:]
+                if growing else tuple(value.shape) == tuple(template.shape))
+        if not same:
+            expected = ("(k, " + ", ".join(str(s) for s in template.shape[1:]) + ")"
+                        if growing else str(tuple(template.shape)))
             raise ValueError(f"{what}: a tensor of shape {tuple(value.shape)}, expected "
-                             f"{tuple(template.shape)}")
+                             f"{expected}")
         if value.dtype != template.dtype:
             raise ValueError(f"{what}: a tensor of dtype {value.dtype}, expected {template.dtype}")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):

@@ -114,6 +114,7 @@ def run_rounds(fed: Federation, transport: Transport, run: RunState) -> list[dic
                                            **_evaluate(fed, run, 0, run.global_flat)}, None))
     for number in range(run.next_round, fed.num_rounds + 1):
         t0 = time.perf_counter()
+        exchange_seconds = 0.0  # stays 0 when no exchange runs (the round is skipped first)
         rnd = Round(number, run.global_flat)
         verdict = _sample(fed, transport, rnd, run)
         if verdict is not None and verdict.action == "stop":
@@ -126,15 +127,19 @@ def run_rounds(fed: Federation, transport: Transport, run: RunState) -> list[dic
             log.warning("round %d: %s", number, verdict.reason)
             rnd.skipped_reason = verdict.reason
         else:
+            t_exchange = time.perf_counter()
             try:
                 replies = _exchange(fed, transport, rnd, run)
             except StageFailure as exc:
                 replies, rnd.skipped_reason = [], f"{exc}; the global model is unchanged"
+            exchange_seconds = time.perf_counter() - t_exchange
             if rnd.skipped_reason is None:
                 _aggregate(fed, rnd, run, replies)
         if rnd.new_global is not None:
             run.global_flat = rnd.new_global
+        t_evaluate = time.perf_counter()
         rnd.metrics = _evaluate(fed, run, number, run.global_flat)
+        evaluation_seconds = time.perf_counter() - t_evaluate
         _revise(fed, rnd, run)
         report = _outcome(rnd).report()
         if verdict is None and not rnd.sampled and rnd.sample_note:
@@ -147,7 +152,8 @@ def run_rounds(fed: Federation, transport: Transport, run: RunState) -> list[dic
             "num-sampled": len(rnd.sampled),
             "num-replies": len(rnd.replies),
             "num-kept": len(_outcome(rnd).kept_nodes),
-            "aggregation-seconds": rnd.seconds,
+            **_profile(rnd, exchange_seconds, evaluation_seconds,
+                       in_series=bool(getattr(transport, "clients_in_series", False))),
             "round-seconds": time.perf_counter() - t0,
             **{k: v for k, v in rnd.info.items() if isinstance(v, float)},
         }
@@ -156,6 +162,61 @@ def run_rounds(fed: Federation, transport: Transport, run: RunState) -> list[dic
         if fed.checkpoint is not None:
             fed.checkpoint(number, run)
     return rows
+
+
+def _profile(rnd: Round, exchange_seconds: float, evaluation_seconds: float, *,
+             in_series: bool = False) -> dict[str, float]:
+    """Where a round's seconds went: client training, transfer, aggregation, evaluation.
+
+    ``train-max-seconds``, ``train-mean-seconds`` and ``train-sum-seconds`` are over the
+    replies that report a ``train-seconds`` metric (0 when none does: no replies, or secure
+    aggregation's stand-ins, whose training then counts in the transfer).
+    ``transfer-seconds`` is the exchange's wall time minus the clients' training on its
+    critical path: the slowest client's where the clients train in parallel (a
+    deployment), the sum where the transport runs them one after another
+    (``in_series``: the in-process engine): (de)serialisation, transport, waiting, and a
+    client's first data loading. The clients report their own seconds, so a client that
+    over-reports can make the transfer negative. Every timing key ends in ``-seconds``.
+    """
+    trained = [float(r.metrics["train-seconds"]) for r in rnd.replies
+               if "train-seconds" in r.metrics]
+    slowest = max(trained, default=0.0)
+    return {
+        "train-max-seconds": slowest,
+        "train-mean-seconds": sum(trained) / len(trained) if trained else 0.0,
+        "train-sum-seconds": sum(trained),
+        "transfer-seconds": exchange_seconds - (sum(trained) if in_series else slowest),
+        "exchange-seconds": exchange_seconds,
+        "aggregation-seconds": rnd.seconds,
+        "evaluation-seconds": evaluation_seconds,
+    }
+
+
+def client_ids(node_ids: Sequence[int], *, device: torch.device | str = "cpu") -> Tensor:
+    """``(n,)`` int64 identities of the nodes ``node_ids``, for the rules that key a history
+    by client.
+
+    Flower's node ids are unsigned 64-bit integers (a deployment's reach past ``2**63``),
+    so each id is read as the int64 with the same 64 bits: distinct nodes stay distinct.
+    Negative ids (rows that stand for several clients, such as secure aggregation's group
+    sums) pass unchanged.
+
+    Raises
+    ------
+    ValueError
+        An id outside ``[-2**63, 2**64)``.
+
+    Examples
+    --------
+    >>> client_ids([1000, 2**64 - 1]).tolist()
+    [1000, -1]
+    """
+    bad = [n for n in node_ids if not -(2**63) <= n < 2**64]
+    if bad:
+        raise ValueError(f"node ids must be in [-2**63, 2**64) (Flower's are uint64), got "
+                         f"{bad[:3]}")
+    return torch.tensor([n - 2**64 if n >= 2**63 else n for n in node_ids], dtype=torch.int64,
+                        device=device)
 
 
 # -- the stages ----------------------------------------------------------------------
@@ -284,8 +345,11 @@ def _apply(
             "aggregate", owner.name, owner.aggregate, rnd, updates, weights, gen,
             states[owner.name])
     else:
+        # row i of the stack is rnd.accepted[i] (stack_updates; transforms keep the rows)
+        clients = client_ids([r.node_id for r in rnd.accepted], device=fed.device)
         result = _guarded("aggregate", f"rule {fed.rule.name}", lambda: fed.rule(
-            updates, weights, state=run.rule_state, generator=gen))
+            updates, weights, state=run.rule_state, generator=gen, clients=clients,
+            reference=rnd.server_update))
         rule_state = result.state
     update = result.update
     for c in fed.components:

@@ -18,6 +18,11 @@ The component acts at four stages:
 
 Its state (the clipping norm, which adaptive clipping moves, and the accountant's
 history) is a plain dict, checkpointed with every other component's.
+
+With secure aggregation (``distributed=True``) the clients clip and add the noise
+themselves before masking (:mod:`secagg.ddp`, ``docs/secagg.md``): this component then
+does not aggregate; it keeps the sampling, the budget check and the booking, and books the
+same ``(z, q)``, the noise any threshold number of survivors guarantees.
 """
 
 from __future__ import annotations
@@ -50,18 +55,25 @@ class CentralDP(Component):
     owns_aggregation = True
     critical = True  # a released round that cannot be booked must end the run
 
-    def __init__(self, config: CentralDPConfig, clients_per_round: int) -> None:
+    def __init__(self, config: CentralDPConfig, clients_per_round: int, *,
+                 distributed: bool = False) -> None:
+        if distributed and config.adaptive:
+            raise ValueError("distributed DP (secagg) cannot use adaptive clipping: it needs a "
+                             "noised count of clipped clients; use a fixed clipping_norm")
         self.config = config
         self.mechanism = DPFedAvg(config, clients_per_round)
+        self.distributed = distributed
+        self.owns_aggregation = not distributed  # secagg's clients add the noise
 
     @classmethod
     def from_params(
-        cls, params: Mapping[str, Any], *, rule: str, clients_per_round: int
+        cls, params: Mapping[str, Any], *, rule: str, clients_per_round: int,
+        distributed: bool = False,
     ) -> CentralDP:
         """Build from the ``central-dp`` run-config parameters, refusing what is unsound."""
         config = CentralDPConfig.from_dict(params)
         check_rule_compatible(rule, pre=[])
-        return cls(config, clients_per_round)
+        return cls(config, clients_per_round, distributed=distributed)
 
     def init_state(self) -> dict[str, Any]:
         return {

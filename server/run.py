@@ -28,6 +28,7 @@ from .checkpoint import (
     remove_temporaries,
     save_checkpoint,
 )
+from .fltrust import RootUpdate, check_root_dataset, needs_reference
 from .loop import Federation, RunState, run_rounds
 from .metrics_log import MetricsLog
 from .privacy import CentralDP
@@ -46,7 +47,11 @@ log = logging.getLogger("fedshield.server")
 
 @runtime_checkable
 class ServerTask(Protocol):
-    """What the server needs from the task: a model and the held-out test split."""
+    """What the server needs from the task: a model and the held-out test split.
+
+    A run with ``root-dataset`` (FLTrust) also needs :class:`server.fltrust.RootTask`'s
+    ``root_data()`` and ``train_on()``; a task without them is refused before round 1.
+    """
 
     def build_model(self) -> nn.Module: ...
 
@@ -129,7 +134,10 @@ def check_defense_runs(cfg: RunConfig, rule: Aggregator, n: int) -> None:
     updates = torch.randn(n, 8, generator=gen, dtype=torch.float64)
     state = rule.init_state(8, dtype=torch.float64, device="cpu") if rule.stateful else None
     try:
-        rule(updates, torch.ones(n, dtype=torch.float64), state=state, generator=gen)
+        # the round context every rule may take: ids keyed histories use, the root update
+        reference = torch.randn(8, generator=gen, dtype=torch.float64)
+        rule(updates, torch.ones(n, dtype=torch.float64), state=state, generator=gen,
+             clients=torch.arange(n, dtype=torch.int64), reference=reference)
     except (ValueError, TypeError) as exc:  # PreconditionError is a ValueError
         raise ValueError(
             f"the defense {rule.name} cannot run with n={n} clients per round: {exc}"
@@ -180,14 +188,21 @@ def check_resumable(
 
 
 def build_components(cfg: RunConfig, task: ServerTask) -> list[Component]:
-    """The components the run config asks for: central DP, then the ``adversary`` plug-in."""
+    """The components the run config asks for: central DP, secure aggregation, FLTrust's
+    root update (a rule that takes a reference), then the ``adversary`` plug-in."""
     out: list[Component] = []
+    rule = build_rule(cfg)
+    check_root_dataset(cfg, rule)
     if cfg.central_dp:
         out.append(CentralDP.from_params(
-            cfg.central_dp, rule=cfg.rule.name, clients_per_round=cfg.clients_per_round))
+            cfg.central_dp, rule=cfg.rule.name, clients_per_round=cfg.clients_per_round,
+            distributed=bool(cfg.secagg)))
     if cfg.secagg:
-        out.append(SecureAggregation.from_params(cfg.secagg, seed=cfg.seed,
-                                                 min_clients=cfg.min_clients))
+        out.append(SecureAggregation.from_params(
+            cfg.secagg, seed=cfg.seed, min_clients=cfg.min_clients,
+            central_dp=cfg.central_dp or None, clients_per_round=cfg.clients_per_round))
+    if needs_reference(rule):
+        out.append(RootUpdate(task, cfg, server_device(cfg.server_device)))
     if cfg.adversary:
         plugin = resolve_object(cfg.adversary)(cfg)
         if plugin is not None:

@@ -24,6 +24,11 @@ Two modes:
 
 A round whose secure aggregation fails (too few clients left at some stage) keeps the
 model; the row's and the report's ``skipped_reason`` name the stage and why.
+
+**Distributed DP** (``central-dp`` set too; ``docs/secagg.md``): the clients clip to
+``clipping_norm`` and add their share of the discrete Gaussian noise before masking
+(:mod:`secagg.ddp`); the secure mean is the noised sum over ``m = clients-per-round``, as
+DP-FedAvg's; :class:`server.privacy.CentralDP` (``distributed=True``) books the rounds.
 """
 
 from __future__ import annotations
@@ -94,13 +99,19 @@ class SecureAggregation(Component):
         ``0``: one secure mean; ``G >= 2``: ``G`` secure group means for the rule.
     group_rounds
         Rounds for which the grouping stays fixed.
+    dp_clients
+        Distributed DP (``params.noise_multiplier > 0``): ``m``, the denominator of the
+        mean (DP-FedAvg's expected number of clients).
     """
 
     name = "secagg"
     owns_exchange = True
 
     def __init__(self, params: SecAggParams, *, seed: int, min_clients: int, groups: int = 0,
-                 group_rounds: int = 1) -> None:
+                 group_rounds: int = 1, dp_clients: int = 0) -> None:
+        if params.dp and (groups or dp_clients < 1):
+            raise ValueError(f"distributed DP needs groups=0 and dp_clients >= 1 (the m of the "
+                             f"mean), got groups={groups}, dp_clients={dp_clients}")
         if groups == 1 or groups < 0:
             raise ValueError(f"secagg groups must be 0 (no groups) or >= 2, got {groups}")
         if group_rounds < 1:
@@ -111,11 +122,15 @@ class SecureAggregation(Component):
         self.groups = groups
         self.group_rounds = group_rounds
         self.owns_aggregation = groups == 0
+        self.dp_clients = dp_clients
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any], *, seed: int, min_clients: int
+    def from_params(cls, params: Mapping[str, Any], *, seed: int, min_clients: int,
+                    central_dp: Mapping[str, Any] | None = None, clients_per_round: int = 0,
                     ) -> SecureAggregation:
-        """From the run config's ``secagg`` settings.
+        """From the run config's ``secagg`` settings; with ``central_dp`` (its settings),
+        distributed DP: ``clip`` is its ``clipping_norm``, noise its ``noise_multiplier``,
+        the mean's denominator ``clients_per_round``.
 
         Raises
         ------
@@ -127,10 +142,15 @@ class SecureAggregation(Component):
         unknown = sorted(set(params) - set(SECAGG_KEYS))
         if unknown:
             raise TypeError(f"secagg got unknown setting(s) {unknown}; valid: {', '.join(SECAGG_KEYS)}")
-        proto = SecAggParams(**{k: params[k] for k in PROTOCOL_KEYS if k in params})
-        return cls(proto, seed=seed, min_clients=min_clients,
+        kwargs = {k: params[k] for k in PROTOCOL_KEYS if k in params}
+        if central_dp:
+            dp = {k.replace("-", "_"): v for k, v in central_dp.items()}
+            kwargs.update(clip=float(dp["clipping_norm"]), max_weight=1,
+                          noise_multiplier=float(dp["noise_multiplier"]))
+        return cls(SecAggParams(**kwargs), seed=seed, min_clients=min_clients,
                    groups=int(params.get("groups", 0)),
-                   group_rounds=int(params.get("group_rounds", 1)))
+                   group_rounds=int(params.get("group_rounds", 1)),
+                   dp_clients=clients_per_round if central_dp else 0)
 
     def init_state(self) -> State:
         return {"epoch": -1, "assignment": [], "pending": None, "last": None}
@@ -175,6 +195,7 @@ class SecureAggregation(Component):
                     min_survivors=min_survivors)
             except SecAggAbort as exc:
                 failures[g] = str(exc)
+        started = dict(sessions)
         requests = {g: s.advertise() for g, s in sessions.items()}
         results: dict[int, SecAggResult] = {}
         for stage in STAGES:
@@ -200,17 +221,50 @@ class SecureAggregation(Component):
             "failures": {str(g): w for g, w in failures.items()},
             "survivors": sum(len(r.survivors) for r in results.values()),
             "clipped": sum(r.clipped for r in results.values()),
-            "error-bound": max((r.quantiser.error_bound for r in results.values()), default=0.0),
-            "dropped": {s: {str(n): w for r in results.values() for n, w in r.dropped[s].items()}
+            "error-bound": max((self._error_bound(r) for r in results.values()), default=0.0),
+            "dropped": {s: {str(n): w for x in started.values() for n, w in x.dropped[s].items()}
                         for s in STAGES},
             "groups": {str(g): list(map(int, r.survivors)) for g, r in results.items()},
         }
+        for r in results.values():
+            if r.dp is not None:  # std of the noise on the mean: guaranteed (t), present (n_s)
+                booked = r.dp.sigma * r.dp.step / self.dp_clients
+                last["noise-std-threshold"] = booked
+                last["noise-std"] = booked * (len(r.survivors) / r.threshold) ** 0.5
+                last["threshold"] = r.threshold
         if results and (total := sum(r.clipped for r in results.values())):
             log.warning("round %d: secagg clipped %d coordinates to [-%g, %g]; raise clip if "
                         "that is not intended", rnd.number, total, self.params.clip,
                         self.params.clip)
         state = {**state, "last": last, "pending": None}
-        return self._stand_ins(rnd, payload, results, state)
+        stand_ins, state = self._stand_ins(rnd, payload, results, state)
+        summed = {n for r in results.values() for n in r.survivors}
+        return stand_ins + self._lost(members, started, failures, summed), state
+
+    def _lost(self, members: Mapping[int, list[int]], started: Mapping[int, ServerSession],
+              failures: Mapping[int, str], summed: set[int]) -> list[Reply]:
+        """An error reply for each node that is not in a secure sum, naming the stage it
+        dropped at and why (or the aggregation's failure): the round's audit shows that
+        instead of a generic "no reply". (A node lost at unmask is in the sum: none.)"""
+        out = []
+        for g, nodes in sorted(members.items()):
+            where = f"group {g}'s " if self.groups else ""
+            lost: dict[int, str] = {}
+            if g in started:
+                for stage in STAGES:
+                    for n, why in started[g].dropped[stage].items():
+                        lost.setdefault(n, f"secure aggregation: dropped at stage {stage}: {why}")
+            if g in failures:
+                for n in nodes:
+                    lost.setdefault(n, f"{where}{failures[g]}")
+            out += [Reply(n, error=why) for n, why in sorted(lost.items()) if n not in summed]
+        return out
+
+    def _error_bound(self, r: SecAggResult) -> float:
+        """Largest coordinate error of the mean from quantisation (noise aside)."""
+        if r.dp is not None:
+            return r.dp.error_bound(len(r.survivors)) / self.dp_clients
+        return r.quantiser.error_bound
 
     def _payload(self, msg: Msg, stage: str, rnd: Round, model: Payload) -> Payload:
         configs: dict[str, Mapping[str, bool | int | float | str]] = {
@@ -243,7 +297,8 @@ class SecureAggregation(Component):
             return {k: p.reshape(t.shape).to(t.dtype)
                     for (k, t), p in zip(template.items(), parts, strict=True)}
 
-        means = {k: torch.from_numpy(r.mean()) for k, r in results.items()}
+        means = {k: torch.from_numpy(r.noised_sum() / self.dp_clients if r.dp is not None
+                                     else r.mean()) for k, r in results.items()}
         if self.groups:
             return [Reply(-1 - k, arrays={"arrays": model_with(means[k])},
                           metrics={"metrics": {"num-examples": int(r.weight)}})
@@ -295,6 +350,10 @@ class SecureAggregation(Component):
             "secagg-error-bound": float(last["error-bound"]),
             **{f"secagg-dropped-{s}": float(len(last["dropped"][s])) for s in STAGES},
         }
+        if "noise-std" in last:
+            row_fields.update({"secagg-noise-std": float(last["noise-std"]),
+                               "secagg-noise-std-threshold": float(last["noise-std-threshold"]),
+                               "secagg-threshold": float(last["threshold"])})
         report_fields: dict[str, Any] = {"secagg": last}
         failures: dict[str, str] = last["failures"]
         if failures and not self.groups:

@@ -24,6 +24,12 @@ class GridTransport:
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
 
+    @property
+    def clients_in_series(self) -> bool:
+        """Whether the grid runs the clients one after another (the in-process engine sets
+        ``clients_in_series = True``); a deployment's nodes train in parallel."""
+        return bool(getattr(self.grid, "clients_in_series", False))
+
     def node_ids(self) -> list[int]:
         return sorted(int(n) for n in self.grid.get_node_ids())
 

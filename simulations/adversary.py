@@ -36,6 +36,7 @@ from aggregation.registry import (
     unknown_name_message,
 )
 from client.malicious import (
+    BACKDOORS,
     DATA_ATTACKS,
     backdoor_trigger,
     data_attack_params,
@@ -44,10 +45,11 @@ from client.malicious import (
 )
 from client.poisoning import get_update_poisoning
 from runconfig.config import RunConfig
+from server.loop import client_ids
 from server.rounds import ClientReply
 from server.stages import Component, Round
 
-from .attacks import Attack, attack_names, get_attack
+from .attacks import AggregatorLike, Attack, RoundDefense, attack_names, get_attack
 from .metrics import attack_success_rate, detection_scores
 
 __all__ = ["Adversary", "all_attack_names", "build_adversary"]
@@ -94,7 +96,8 @@ class Adversary(Component):
     def transform(
         self, rnd: Round, updates: Tensor, weights: Tensor, state: dict[str, Any]
     ) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        out, failure = self.mount(rnd.number, updates, rnd.accepted)
+        out, failure = self.mount(rnd.number, updates, rnd.accepted,
+                                  server_update=rnd.server_update)
         if failure is not None:
             log.warning("round %d: attack %s not mounted: %s", rnd.number, self.attack_name,
                         failure)
@@ -102,7 +105,8 @@ class Adversary(Component):
         return out, weights, state
 
     def mount(
-        self, server_round: int, updates: Tensor, replies: Sequence[ClientReply]
+        self, server_round: int, updates: Tensor, replies: Sequence[ClientReply], *,
+        server_update: Tensor | None = None,
     ) -> tuple[Tensor, str | None]:
         """Replace the malicious rows of ``updates`` ``(n, d)`` with the crafted updates.
 
@@ -121,9 +125,14 @@ class Adversary(Component):
         honest_rows = [i for i in range(len(replies)) if i not in set(mal_rows)]
         reference = updates[honest_rows] if self.knowledge == "omniscient" else updates[mal_rows]
         gen = make_generator(derive_seed(self.seed, "adversary", server_round))
+        defense: AggregatorLike | None = self.aggregator
+        if self.aggregator is not None and self.knowledge == "omniscient":
+            order = honest_rows + mal_rows  # the attack stacks [honest; malicious]
+            defense = RoundDefense(self.aggregator, reference=server_update, clients=client_ids(
+                [replies[i].node_id for i in order], device=updates.device))
         try:
             crafted = self.attack(
-                reference, f=len(mal_rows), generator=gen, aggregator=self.aggregator
+                reference, f=len(mal_rows), generator=gen, aggregator=defense
             )
         except ValueError as exc:
             # e.g. ALIE needs two reference updates; the round goes on with honest updates
@@ -209,7 +218,7 @@ def build_adversary(cfg: RunConfig) -> Adversary | None:
             aggregator = build_rule(cfg)
     elif name in DATA_ATTACKS:
         p = data_attack_params(name, params)  # validates the parameters up front
-        if name in ("backdoor", "dba"):
+        if name in BACKDOORS:
             from .task import build_task
 
             backdoor = (backdoor_trigger(p), int(p["target"]))

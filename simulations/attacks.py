@@ -17,7 +17,9 @@ An attack that needs to know the defense (``needs_aggregator=True``: ``fang_krum
 as the ``aggregator`` argument: any object called as
 ``aggregator(updates, weights, generator=...)`` that returns a result with ``.update`` and
 ``.kept``, e.g. ``aggregation.get("krum", f=f)``. No attack inspects the defense's class
-or name.
+or name. A rule that needs the round's context (FLTrust's reference update, the client
+identities of a history-keeping rule) is handed over as a :class:`RoundDefense`, which
+binds that context to every call.
 
 The maths lives in module-level functions (:func:`alie`, :func:`min_max`, ...) that can be
 used directly; the registry only binds their hyperparameters. The names are distinct from
@@ -47,6 +49,8 @@ __all__ = [
     "AggregatorLike",
     "Attack",
     "FangKrumResult",
+    "RoundDefense",
+    "RoundRuleLike",
     "StrengthSearch",
     "alie",
     "alie_adaptive",
@@ -99,6 +103,79 @@ class AggregatorLike(Protocol):
         *,
         generator: torch.Generator | None = None,
     ) -> AggregationResultLike: ...
+
+
+class RoundRuleLike(Protocol):
+    """The defense as the server calls it, with a round's context (``aggregation.Aggregator``)."""
+
+    def __call__(
+        self,
+        updates: Tensor,
+        weights: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        clients: Tensor | None = None,
+        reference: Tensor | None = None,
+    ) -> AggregationResultLike: ...
+
+
+@dataclass(frozen=True)
+class RoundDefense:
+    """The defense with this round's context bound, as a defense-aware attack calls it.
+
+    A defense-aware attack (``alie_adaptive``, ``ipm_adaptive``, ``fang_krum``) calls the
+    defense on its candidate stacks ``[honest; malicious]`` ``(h + f, d)``; the server calls
+    it with the round's client weights, client identities (FoolsGold's and FLDetector's
+    history) and its reference update (FLTrust). Bound here, the search runs against the
+    defense the server will apply, not one that refuses for want of its context. The
+    rule's state across rounds is the server's and is not bound: a stateful rule is
+    evaluated from its initial state.
+
+    Parameters
+    ----------
+    rule
+        The defense, called as ``rule(updates, weights, generator=..., clients=...,
+        reference=...)``.
+    weights
+        ``(h + f,)`` the clients' weights in the stack's row order, or ``None``.
+    clients
+        ``(h + f,)`` int64 client identities in the stack's row order (honest first, then
+        the attackers), or ``None``.
+    reference
+        ``(d,)`` the server's own update this round, or ``None``.
+
+    Examples
+    --------
+    >>> import aggregation
+    >>> defense = RoundDefense(aggregation.get("mean"), weights=torch.tensor([3.0, 1.0]))
+    >>> defense(torch.tensor([[0.0], [4.0]])).update   # weights bound, none passed
+    tensor([1.])
+    """
+
+    rule: RoundRuleLike
+    weights: Tensor | None = None
+    clients: Tensor | None = None
+    reference: Tensor | None = None
+
+    def __call__(self, updates: Tensor, weights: Tensor | None = None, *,
+                 generator: torch.Generator | None = None) -> AggregationResultLike:
+        """``rule`` on ``updates`` ``(h + f, d)`` with the bound context.
+
+        Raises
+        ------
+        ValueError
+            If ``updates`` has another number of rows than the bound weights or clients
+            (an internal error: the stack is not the round's), or the rule refuses.
+        """
+        n = updates.shape[0]
+        for what, bound in (("weights", self.weights), ("clients", self.clients)):
+            if bound is not None and bound.shape[0] != n:
+                raise ValueError(
+                    f"RoundDefense: {what} bound for {bound.shape[0]} clients, the stack has "
+                    f"{n} rows: bind the round's clients in the stack's row order"
+                )
+        return self.rule(updates, self.weights if weights is None else weights,
+                         generator=generator, clients=self.clients, reference=self.reference)
 
 
 AttackFn = Callable[[Tensor, int, torch.Generator, "AggregatorLike | None"], Tensor]

@@ -40,7 +40,7 @@ from typing import Any
 from runconfig.spec import parse_params, parse_spec, split_top_level
 
 from . import __version__
-from .bench import DONE, default_jobs, run_bench
+from .bench import DONE, RayCluster, default_jobs, run_bench
 from .config import Scalar, load_config, parse_override, save_config
 from .scenario import (
     Scenario,
@@ -51,7 +51,7 @@ from .scenario import (
     shipped_scenarios,
 )
 
-__all__ = ["add_bench_arguments", "build_parser", "main", "scenario_from_args"]
+__all__ = ["add_bench_arguments", "build_parser", "main", "ray_cluster", "scenario_from_args"]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -215,6 +215,15 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="scenario name (default: the TOML's)")
     p.add_argument("--jobs", type=int, default=None,
                    help=f"worker processes (default {default_jobs()}; 0: in this process)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run each cell as a task on the Ray cluster at ADDRESS (HOST:PORT of a "
+                   "head started with `ray start --head`, ray://HOST:PORT, or auto) instead of "
+                   "local worker processes; --out must be visible to every node")
+    p.add_argument("--ray-cpus", type=float, default=None, metavar="N",
+                   help="with --ray: CPUs each cell reserves, also its torch threads (default 1)")
+    p.add_argument("--ray-gpus", type=float, default=None, metavar="N",
+                   help="with --ray: GPUs each cell reserves, a fraction below 1 shares a GPU "
+                   "(0.25: four cells per GPU) or a whole number (default 0)")
     p.add_argument("--force", action="store_true",
                    help="run even if --out holds a different scenario")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -270,6 +279,26 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
     return parse_scenario(data, origin=origin)
 
 
+def ray_cluster(args: argparse.Namespace) -> RayCluster | None:
+    """The ``--ray`` options as a :class:`~simulations.bench.RayCluster`, or ``None``."""
+    if args.ray is None:
+        given = [f for f, v in (("--ray-cpus", args.ray_cpus), ("--ray-gpus", args.ray_gpus))
+                 if v is not None]
+        if given:
+            verb, them = ("set", "them") if len(given) > 1 else ("sets", "it")
+            raise ValueError(f"{' and '.join(given)} {verb} what each cell reserves on a Ray "
+                             f"cluster: add --ray ADDRESS, or drop {them}")
+        return None
+    if args.jobs is not None:
+        raise ValueError("--jobs sets the local pool's workers; with --ray the cluster runs "
+                         "as many cells at once as its resources hold: drop --jobs")
+    return RayCluster(
+        args.ray,
+        cpus=1.0 if args.ray_cpus is None else args.ray_cpus,
+        gpus=0.0 if args.ray_gpus is None else args.ray_gpus,
+    )
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.list:
         for name, desc in shipped_scenarios().items():
@@ -278,6 +307,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     scenario = scenario_from_args(args)
     out = Path(args.out) if args.out else Path("results") / "bench" / scenario.name
     check_paths(None, out)
+    cluster = ray_cluster(args)
     if args.dry_run:
         cells = scenario.cells()
         check_cells(cells)
@@ -289,7 +319,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     try:
         result = run_bench(
             scenario, out, jobs=args.jobs, force=args.force, quiet=args.quiet,
-            plots=not args.no_plots,
+            plots=not args.no_plots, ray=cluster,
         )
     except KeyboardInterrupt:
         done = sum(1 for p in (out / "cells").glob(f"*/{DONE}"))

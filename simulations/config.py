@@ -39,6 +39,7 @@ APP_DEFAULTS: dict[str, Scalar] = dict(APP_KEYS)
 # SuperNodes from --federation-config num-supernodes=N instead).
 ENGINE_DEFAULTS: dict[str, Scalar] = {
     "num-clients": 10,
+    "engine": "per-client",  # or "batched": a round's clients trained as one computation
 }
 
 DEFAULTS: dict[str, Scalar] = {**APP_DEFAULTS, **ENGINE_DEFAULTS}

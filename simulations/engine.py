@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
@@ -29,7 +29,7 @@ __all__ = ["InProcessGrid", "check_names", "run_in_process", "validate"]
 FaultFn = Callable[[int, Message], bool]
 
 _SERVER_NODE_ID = 1
-ENGINE_KEYS = frozenset({"num-clients"})
+ENGINE_KEYS = frozenset({"num-clients", "engine"})
 
 
 def _set_task_identity(run_id: int) -> None:
@@ -57,7 +57,16 @@ class InProcessGrid(Grid):
         Run id stamped on messages.
     fault
         Optional fault model: ``fault(partition_id, message) -> True`` drops the message.
+    batched
+        Answer a round's train messages from one batched computation
+        (:mod:`simulations.batched`, ``engine = "batched"``) instead of one ClientApp call
+        per node; ``client_app`` must then be fedshield's (``client.app.app``), whose replies
+        the batched ones reproduce.
     """
+
+    # one ClientApp call after another: a round's exchange holds the sum of the
+    # clients' training (server.loop's round profile reads this)
+    clients_in_series = True
 
     def __init__(
         self,
@@ -67,12 +76,14 @@ class InProcessGrid(Grid):
         *,
         run_id: int = 1,
         fault: FaultFn | None = None,
+        batched: bool = False,
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num-clients must be >= 1, got {num_nodes}")
         self.client_app = client_app
         self._run_id = run_id
         self.fault = fault
+        self.batched = batched
         # node ids distinct from the server's and from partition ids, to catch mix-ups
         self.node_ids = [1000 + i for i in range(num_nodes)]
         self.contexts = {
@@ -124,12 +135,17 @@ class InProcessGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        ids = list(message_ids)
+        answered = self._train_batched(ids) if self.batched else {}
         replies = []
-        for mid in message_ids:
-            msg = self._inbox.pop(mid, None)
-            if msg is None:
-                continue
-            reply = self._deliver(msg)
+        for mid in ids:
+            if mid in answered:
+                reply = answered[mid]
+            else:
+                msg = self._inbox.pop(mid, None)
+                if msg is None:
+                    continue
+                reply = self._deliver(msg)
             if reply is not None:
                 replies.append(reply)
         return replies
@@ -140,6 +156,56 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
     # ---------------------------------------------------------------------------------
+    def _train_batched(self, ids: Sequence[str]) -> dict[str, Message | None]:
+        """Answer the train messages among ``ids`` from one batched computation.
+
+        Returns the replies by message id (``None``: dropped by the fault model); the
+        messages it does not answer (other types, features that are not batched) stay in
+        the inbox for the ClientApp.
+        """
+        from .batched import TrainJob, train_batched
+
+        out: dict[str, Message | None] = {}
+        jobs: list[tuple[str, TrainJob]] = []
+        states: dict[int, dict[str, Any]] = {}  # one decoded global model per content
+        t0 = time.perf_counter()
+        for mid in ids:
+            msg = self._inbox.get(mid)
+            if msg is None or msg.metadata.message_type != MessageType.TRAIN:
+                continue
+            ctx = self.contexts[msg.metadata.dst_node_id]
+            try:
+                if self.fault is not None and self.fault(
+                        int(ctx.node_config["partition-id"]), msg):
+                    out[mid] = None
+                    continue
+                if id(msg.content) not in states:
+                    states[id(msg.content)] = msg.content["arrays"].to_torch_state_dict()
+                jobs.append((mid, TrainJob(ctx.run_config, ctx.node_config,
+                                           states[id(msg.content)],
+                                           int(msg.content["config"]["server-round"]))))
+            except Exception as exc:
+                out[mid] = Message(Error(code=500, reason=f"{type(exc).__name__}: {exc}"),
+                                   reply_to=msg)
+        for (mid, _), res in zip(jobs, train_batched([j for _, j in jobs]), strict=True):
+            if res is None:  # not batched: the ClientApp answers it
+                continue
+            msg = self._inbox[mid]
+            if isinstance(res, Exception):
+                out[mid] = Message(Error(code=500, reason=f"{type(res).__name__}: {res}"),
+                                   reply_to=msg)
+            else:
+                content = RecordDict({"arrays": ArrayRecord(res.state),
+                                      "metrics": MetricRecord(res.metrics)})
+                out[mid] = Message(content=content, reply_to=msg)
+        for mid, reply in out.items():
+            del self._inbox[mid]
+            if reply is not None:
+                reply.metadata.__dict__["_message_id"] = f"r{next(self._counter)}"
+        if out:  # the round's time, shared by the messages answered together
+            self.call_seconds.extend([(time.perf_counter() - t0) / len(out)] * len(out))
+        return out
+
     def _deliver(self, msg: Message) -> Message | None:
         ctx = self.contexts[msg.metadata.dst_node_id]
         pid = int(ctx.node_config["partition-id"])
@@ -177,15 +243,18 @@ def check_names(cfg: RunConfig) -> None:
         An unknown or missing parameter of one of them.
     ValueError
         A parameter out of range; central DP with a rule it does not cover; an omniscient
-        attack with no adversary to mount it.
+        attack with no adversary to mount it; a rule that needs a root dataset (FLTrust)
+        without ``root-dataset``, or ``root-dataset`` for a rule that takes none.
     FileNotFoundError
-        An ``npz:PATH`` dataset whose file does not exist.
+        An ``npz:PATH`` dataset or a ``file(path=PATH)`` root dataset whose file does not
+        exist.
     """
     from pathlib import Path
 
     from aggregation.registry import unknown_name_message
     from client.app import train_settings
     from client.malicious import is_client_side_attack
+    from server.fltrust import check_root_dataset
     from server.privacy import CentralDP
     from server.run import build_rule
 
@@ -200,7 +269,11 @@ def check_names(cfg: RunConfig) -> None:
         raise FileNotFoundError(f"dataset {cfg.dataset!r}: no such file {cfg.dataset[4:]!r}")
     PARTITIONERS.build(cfg.partitioner.name, **cfg.partitioner.params)
     MODELS.build(cfg.model.name, **cfg.model.params)
-    build_rule(cfg)
+    check_root_dataset(cfg, build_rule(cfg))
+    root = cfg.root_dataset
+    if root is not None and root.name == "file" and not Path(
+            str(root.params["path"])).expanduser().is_file():
+        raise FileNotFoundError(f"root-dataset {root}: no such file {root.params['path']!r}")
     if cfg.central_dp:
         CentralDP.from_params(cfg.central_dp, rule=cfg.rule.name,
                               clients_per_round=cfg.clients_per_round)
@@ -252,7 +325,10 @@ def validate(run_config: Mapping[str, Scalar] | RunConfig, num_clients: int) -> 
         raise ValueError(f"num-clients must be >= 1, got {num_clients}")
     check_names(cfg)
     malicious_partitions(num_clients, cfg.num_malicious, cfg.seed)
-    build_task(cfg.flat).partition_indices(num_clients)
+    task = build_task(cfg.flat)
+    task.partition_indices(num_clients)
+    if cfg.root_dataset is not None:  # the server's root dataset fits the task (FLTrust)
+        task.root_data(cfg.root_dataset)
     if cfg.clients_per_round > num_clients:
         raise ValueError(
             f"clients-per-round={cfg.clients_per_round} exceeds num-clients={num_clients}: "
@@ -289,14 +365,18 @@ def run_in_process(
 ) -> list[dict[str, Any]]:
     """Run one federation in this process; return the per-round metrics rows.
 
-    ``run_config`` is the flat config plus the engine's ``num-clients`` (unless
-    ``num_clients`` is given); ``components`` are extra round components.
+    ``run_config`` is the flat config plus the engine's keys: ``num-clients`` (unless
+    ``num_clients`` is given) and ``engine`` (``"per-client"``, the default: one ClientApp
+    call per node; ``"batched"``: a round's clients trained as one computation, see
+    :mod:`simulations.batched`); ``components`` are extra round components.
     """
     from client.app import app as client_app
+    from runconfig.config import check_engine
     from server.app import run_server
 
     n = int(num_clients if num_clients is not None else run_config["num-clients"])
-    app_config = {k: v for k, v in run_config.items() if k != "num-clients"}
+    engine = check_engine(run_config.get("engine", "per-client"))
+    app_config = {k: v for k, v in run_config.items() if k not in ENGINE_KEYS}
     cfg = validate(app_config, n)
-    grid = InProcessGrid(client_app, app_config, n, fault=fault)
+    grid = InProcessGrid(client_app, app_config, n, fault=fault, batched=engine == "batched")
     return run_server(grid, cfg, on_round=on_round, components=components)

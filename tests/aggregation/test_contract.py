@@ -16,6 +16,8 @@ from ._cases import (
     DEVICES,
     assert_close,
     build_case,
+    build_pre,
+    build_rule,
     case_ids,
     declared,
     gen,
@@ -23,8 +25,21 @@ from ._cases import (
     sample,
 )
 
-CASES = case_ids()
 DTYPES = [torch.float32, torch.float64]
+
+
+def _composable(case: str) -> bool:
+    """compose() refuses a rule that keys a history by client (foolsgold, fldetector) after
+    a step that mixes clients' rows (bucketing, nnm): see test_history.py."""
+    rule, *pre = case.split("+")
+    return not (build_rule(rule).needs_clients  # type: ignore[attr-defined]
+                and any(not build_pre(p).rowwise for p in pre))  # type: ignore[attr-defined]
+
+
+CASES = [c for c in case_ids() if _composable(c)]
+# rules that do not bound an update's magnitude: the mean, FoolsGold (it weighs clients by
+# their direction only) and FLDetector before its window fills (its base rule, the mean)
+UNBOUNDED = {"mean", "foolsgold", "fldetector"}
 
 
 def _with(attr: str, prop: str) -> list[str]:
@@ -40,9 +55,18 @@ SCALE = _with("equivariances", "scale")
 
 
 def _call(agg: aggregation.Aggregator, x: torch.Tensor, w: torch.Tensor | None,
-          seed: int = 0) -> aggregation.AggregationResult:
-    """Call with a fresh generator of a fixed seed, so random steps repeat exactly."""
-    return agg(x, w, generator=gen(1000 + seed))
+          seed: int = 0, clients: torch.Tensor | None = None) -> aggregation.AggregationResult:
+    """Call with a fresh generator of a fixed seed, so random steps repeat exactly, client
+    ids ``0..n-1`` (or ``clients``) and as the server's reference update the coordinate-wise
+    median of ``x`` (it moves with ``x`` under the equivariances tested), which the rules
+    keyed by client or scored against a reference need and the others ignore."""
+    if clients is None:
+        clients = torch.arange(x.shape[0], device=x.device)
+    return agg(x, w, generator=gen(1000 + seed), clients=clients, reference=_reference(x))
+
+
+def _reference(x: torch.Tensor) -> torch.Tensor:
+    return x.median(dim=0).values
 
 
 def _kept_is_tie_free(case: str) -> bool:
@@ -53,7 +77,11 @@ def _kept_is_tie_free(case: str) -> bool:
 
 
 def test_every_rule_and_step_is_covered() -> None:
-    assert len(CASES) == len(aggregation.names()) * (1 + len(aggregation.pre_names()))
+    keyed = [r for r in aggregation.names() if build_rule(r).needs_clients]  # type: ignore[attr-defined]
+    mixing = [p for p in aggregation.pre_names() if not build_pre(p).rowwise]  # type: ignore[attr-defined]
+    assert set(keyed) == {"foolsgold", "fldetector"} and {"bucketing", "nnm"} <= set(mixing)
+    assert len(CASES) == (len(aggregation.names()) * (1 + len(aggregation.pre_names()))
+                          - len(keyed) * len(mixing))
     assert {"mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan",
             "geometric_median", "centered_clipping"} <= set(aggregation.names())
     assert {"norm_clip", "bucketing", "nnm"} <= set(aggregation.pre_names())
@@ -64,12 +92,17 @@ def test_declarations_match_the_documented_table() -> None:
     assert set(aggregation.names()) - set(PERMUTATION_INVARIANT) == set()
     # FLAME adds noise; FLAME and SignGuard clip to the median norm (towards the origin, the
     # global model), so they are neither translation equivariant nor within the bounds
-    assert set(aggregation.names()) - set(UNANIMOUS) == {"centered_clipping", "flame"}
+    # FoolsGold gives n identical updates weight 0 (each is a perfect sybil of the others);
+    # it and FLDetector compare directions or distances of histories, not translation-free
+    # FLTrust rescales every update to the reference's norm and declares no equivariance
+    assert set(aggregation.names()) - set(UNANIMOUS) == {"centered_clipping", "flame",
+                                                          "foolsgold", "fltrust"}
     assert set(aggregation.names()) - set(WITHIN_BOUNDS) == {
-        "centered_clipping", "flame", "signguard"}
+        "centered_clipping", "flame", "signguard", "fltrust"}
     assert set(aggregation.names()) - set(TRANSLATION) == {
-        "centered_clipping", "flame", "signguard"}
-    assert set(aggregation.names()) - set(SCALE) == {"centered_clipping", "geometric_median"}
+        "centered_clipping", "flame", "signguard", "foolsgold", "fldetector", "fltrust"}
+    assert set(aggregation.names()) - set(SCALE) == {"centered_clipping", "geometric_median",
+                                                      "fltrust"}
     assert not any(c.endswith("+bucketing") for c in PERMUTATION_INVARIANT)
     assert not any(c.endswith("+norm_clip") for c in TRANSLATION + SCALE + WITHIN_BOUNDS)
 
@@ -113,7 +146,8 @@ def test_permutation_invariance(case: str, dtype: torch.dtype) -> None:
     perm = torch.randperm(x.shape[0], generator=gen(4))
     for weights in (None, w):
         base = _call(agg, x, weights)
-        shuffled = _call(agg, x[perm], None if weights is None else weights[perm])
+        shuffled = _call(agg, x[perm], None if weights is None else weights[perm],
+                         clients=perm)
         assert_close(shuffled.update, base.update, dtype)
         if _kept_is_tie_free(case):
             assert torch.equal(perm[shuffled.kept].sort().values, base.kept)
@@ -196,10 +230,19 @@ def test_state_contract(case: str) -> None:
         with pytest.raises(ValueError, match="stateless"):
             _call_with_state(agg, x, torch.zeros(x.shape[1]))
         return
-    assert isinstance(state, torch.Tensor) and state.shape == (x.shape[1],)
     implicit = _call(agg, x, w)
     explicit = _call_with_state(agg, x, state, w)
     assert torch.equal(implicit.update, explicit.update)
+    if isinstance(state, dict):  # histories keyed by client: a dict of tensors
+        assert all(isinstance(v, torch.Tensor) for v in state.values())
+        assert isinstance(implicit.state, dict) and set(implicit.state) == set(state)
+        first = {k: v.clone() for k, v in state.items()}
+        again = _call_with_state(agg, x, state, w)
+        assert all(torch.equal(state[k], first[k]) for k in state), "state was mutated"
+        assert all(torch.equal(again.state[k], implicit.state[k])  # type: ignore[index]
+                   for k in state)
+        return
+    assert isinstance(state, torch.Tensor) and state.shape == (x.shape[1],)
     assert isinstance(implicit.state, torch.Tensor)
     torch.testing.assert_close(implicit.state, implicit.update)
     # the returned state is not an alias of the returned update
@@ -210,7 +253,8 @@ def test_state_contract(case: str) -> None:
 
 def _call_with_state(agg: aggregation.Aggregator, x: torch.Tensor, state: object,
                      w: torch.Tensor | None = None) -> aggregation.AggregationResult:
-    return agg(x, w, state=state, generator=gen(1000))
+    return agg(x, w, state=state, generator=gen(1000),
+               clients=torch.arange(x.shape[0], device=x.device), reference=_reference(x))
 
 
 def _ignores_weights(case: str) -> bool:
@@ -244,6 +288,6 @@ def test_updates_near_the_dtype_maximum_neither_overflow_nor_dominate(
     for data in (one, two):
         for weights in (None, w):
             assert bool(torch.isfinite(_call(agg, data, weights).update).all())
-    if case.split("+")[0] != "mean":
+    if case.split("+")[0] not in UNBOUNDED:
         for weights in (None, w):
             assert float(_call(agg, one, weights).update.abs().max()) < 100.0

@@ -17,6 +17,7 @@ from torch import Tensor
 
 import aggregation
 from aggregation import PreconditionError, detection
+from aggregation.catalog import Rule
 from aggregation.registry import make_generator
 from simulations.attacks import get_attack
 from simulations.metrics import detection_scores
@@ -58,8 +59,9 @@ def test_registered_random_not_weighted_and_not_dp_compatible() -> None:
     assert set(RULES) <= set(aggregation.names())
     for name in RULES:
         rule = build(name)
-        assert isinstance(rule, detection.RandomRule)
+        assert isinstance(rule, Rule)
         assert rule.random and not rule.stateful and not rule.use_weights
+        assert not rule.needs_clients and not rule.needs_reference
         why = aggregation.central_dp_refusal(name)
         assert why and "no sensitivity analysis" not in why
 

@@ -11,7 +11,7 @@ import pytest
 import aggregation
 
 MODULES = ["aggregation", "aggregation.rules", "aggregation.pre", "aggregation.catalog",
-           "aggregation.detection",
+           "aggregation.detection", "aggregation.history",
            "aggregation.compose", "aggregation.registry", "aggregation._checks"]
 
 

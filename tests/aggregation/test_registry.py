@@ -14,8 +14,9 @@ from aggregation import PRE_AGGREGATORS, RULES, Registry
 def test_names_are_sorted_and_complete() -> None:
     assert aggregation.names() == sorted(aggregation.names())
     assert aggregation.names() == ["bulyan", "centered_clipping", "dnc", "flame",
-                                   "geometric_median", "krum", "mean", "median", "multi_krum",
-                                   "signguard", "trimmed_mean"]
+                                   "fldetector", "fltrust", "foolsgold", "geometric_median",
+                                   "krum", "mean", "median", "multi_krum", "signguard",
+                                   "trimmed_mean"]
     assert aggregation.pre_names() == ["bucketing", "nnm", "norm_clip"]
 
 
@@ -100,10 +101,11 @@ def test_seed_helpers_are_exported() -> None:
 
 def test_each_rule_and_step_is_registered_on_its_own_function() -> None:
     """One function, one registration line: the entry wraps the module-level function."""
-    from aggregation import detection, pre, rules
+    from aggregation import detection, history, pre, rules, trust
 
     for name in aggregation.names():
-        module = detection if name in ("dnc", "flame", "signguard") else rules
+        module = {"dnc": detection, "flame": detection, "signguard": detection,
+                  "foolsgold": history, "fldetector": history, "fltrust": trust}.get(name, rules)
         assert RULES.get(name).fn is getattr(module, name)
     for name in aggregation.pre_names():
         assert PRE_AGGREGATORS.get(name).fn is getattr(pre, name)
@@ -148,3 +150,97 @@ def test_factory_binds_checked_defaults_and_refuses_direct_misuse() -> None:
     assert dict(factory(tol=0).params) == {"nu": 1e-6, "iters": 100, "tol": 0.0}
     with pytest.raises(TypeError, match="geometric_median: .*valid parameters: nu, iters"):
         factory(steps=3)
+
+
+def _context_rule(*, random: bool = False, needs_clients: bool = False,
+                  needs_reference: bool = False
+                  ) -> tuple[aggregation.Aggregator, list[dict[str, object]]]:
+    """A rule object around a function that records the context it receives, and the
+    record."""
+    from aggregation.catalog import Rule
+
+    def fn(updates: torch.Tensor, weights: torch.Tensor | None = None,
+           **context: object) -> aggregation.AggregationResult:
+        seen.append(context)
+        return aggregation.AggregationResult(updates[0], torch.tensor([0]))
+
+    seen: list[dict[str, object]] = []
+    rule = Rule("ctx", fn, {}, use_weights=False, equivariances=frozenset(),
+                properties=frozenset(), random=random, needs_clients=needs_clients,
+                needs_reference=needs_reference)
+    return rule, seen
+
+
+def test_register_rule_detects_the_context_a_function_declares() -> None:
+    """generator / clients / reference are the round's context, not hyperparameters."""
+    for name, random, clients, reference in [("krum", False, False, False),
+                                             ("flame", True, False, False),
+                                             ("foolsgold", False, True, False),
+                                             ("fldetector", True, True, False)]:
+        rule = aggregation.get(name, **({"f": 1} if name == "krum" else {}))
+        assert (rule.random, rule.needs_clients, rule.needs_reference) == (  # type: ignore[attr-defined]
+            random, clients, reference), name
+        assert not {"generator", "clients", "reference"} & set(RULES.get(name).hyperparameters)
+
+
+def test_a_rule_gets_only_the_context_it_declares_and_refuses_it_missing() -> None:
+    x = torch.randn(4, 3, dtype=torch.float64)
+    ids = torch.tensor([7, 3, 9, 1])
+    ref = torch.zeros(3, dtype=torch.float64)
+    g = aggregation.make_generator(0)
+    plain, plain_seen = _context_rule()
+    plain(x, generator=g, clients=ids, reference=ref)
+    assert plain_seen == [{}]
+    full, full_seen = _context_rule(random=True, needs_clients=True, needs_reference=True)
+    full(x, generator=g, clients=ids, reference=ref)
+    got = full_seen[0]
+    assert isinstance(got["clients"], torch.Tensor)
+    assert got["generator"] is g and torch.equal(got["clients"], ids) and got["reference"] is ref
+    with pytest.raises(ValueError, match="^ctx draws random numbers: pass generator="):
+        full(x, clients=ids, reference=ref)
+    with pytest.raises(TypeError, match="ctx: generator must be a torch.Generator"):
+        full(x, generator=0, clients=ids, reference=ref)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^ctx keys its history by client: pass "
+                                         r"clients=\(n,\) int64 ids"):
+        full(x, generator=g, reference=ref)
+    with pytest.raises(ValueError, match="^ctx needs the server's reference update on its "
+                                         r"root dataset: pass reference=\(d,\)"):
+        full(x, generator=g, clients=ids)
+
+
+@pytest.mark.parametrize(("reference", "match"), [
+    (torch.zeros(4, dtype=torch.float64), r"shape \(d,\) = \(3,\)"),
+    (torch.zeros(3, dtype=torch.float32), "dtype torch.float64"),
+    (torch.tensor([0.0, float("nan"), 1.0], dtype=torch.float64), "NaN or Inf"),
+    ([0.0, 0.0, 0.0], "must be a torch.Tensor"),
+])
+def test_reference_is_checked(reference: object, match: str) -> None:
+    rule, _ = _context_rule(needs_reference=True)
+    with pytest.raises(ValueError, match=match):
+        rule(torch.ones(2, 3, dtype=torch.float64), reference=reference)  # type: ignore[arg-type]
+
+
+def test_compose_passes_the_context_through_rowwise_steps_only() -> None:
+    from aggregation.catalog import PreStep
+
+    def keep(updates: torch.Tensor, weights: torch.Tensor | None = None
+             ) -> aggregation.PreAggResult:
+        eye = torch.eye(updates.shape[0], dtype=torch.bool)
+        return aggregation.PreAggResult(updates, weights, eye)
+
+    rowwise = PreStep("rowwise", keep, {}, random=False, equivariances=frozenset(),
+                      preserves=frozenset(), rowwise=True)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    ids, ref = torch.tensor([5, 6, 7]), torch.zeros(2, dtype=torch.float64)
+    keyed, keyed_seen = _context_rule(needs_clients=True, needs_reference=True)
+    aggregation.compose(keyed, [rowwise])(x, clients=ids, reference=ref)
+    got = keyed_seen[0]
+    assert isinstance(got["clients"], torch.Tensor)
+    assert torch.equal(got["clients"], ids) and got["reference"] is ref
+    # a step that mixes rows passes the reference but not the clients
+    scored, scored_seen = _context_rule(needs_reference=True)
+    mixed = aggregation.compose(scored, [aggregation.get_pre("bucketing", s=2)])
+    mixed(x, generator=aggregation.make_generator(0), clients=ids, reference=ref)
+    assert scored_seen[0]["reference"] is ref
+    with pytest.raises(ValueError, match="ctx keys its history by client"):
+        aggregation.compose(keyed, [rowwise, aggregation.get_pre("nnm", f=1)])

@@ -425,3 +425,96 @@ def test_neurotoxin_checks_its_inputs() -> None:
         P.neurotoxin(u, torch.tensor([1.0, math.nan, 0.0, 0.0]))
     with pytest.raises(ValueError, match=r"\(d,\)"):
         P.neurotoxin(torch.ones(2, 2), torch.ones(2, 2))
+
+
+# --------------------------------------------------------------------------- the backdoor family
+
+
+def test_backdoor_family_params_and_defaults() -> None:
+    assert P.DATA_ATTACKS.build("neurotoxin").params == {
+        "target": 0, "fraction": 0.5, "size": 2, "pattern": "square", "boost": 1.0,
+        "max_norm": None, "top_k": 0.05}
+    assert P.DATA_ATTACKS.build("backdoor", boost=10.0, max_norm=2.0).params == {
+        "target": 0, "fraction": 0.5, "size": 2, "pattern": "square", "boost": 10.0,
+        "max_norm": 2.0}
+    assert P.DATA_ATTACKS.build("dba", max_norm=1.5).params["max_norm"] == 1.5
+
+
+@pytest.mark.parametrize("name", ["backdoor", "dba", "neurotoxin"])
+@pytest.mark.parametrize(("params", "error", "match"), [
+    ({"boost": 0.0}, ValueError, "boost must be finite and > 0, got 0.0"),
+    ({"boost": -10.0}, ValueError, "boost must be finite and > 0"),
+    ({"boost": math.inf}, ValueError, "boost must be finite"),
+    ({"boost": "10"}, TypeError, "boost must be a number"),
+    ({"max_norm": 0.0}, ValueError, "max_norm must be finite and > 0"),
+    ({"max_norm": math.nan}, ValueError, "max_norm must be finite"),
+])
+def test_backdoor_family_refuses_bad_params(name: str, params: dict[str, Any],
+                                            error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=f"^{name}: {match}"):
+        P.DATA_ATTACKS.build(name, **params)
+
+
+@pytest.mark.parametrize("top_k", [1.0, -0.1, math.nan, True])
+def test_neurotoxin_refuses_a_bad_top_k_and_only_it_takes_one(top_k: float) -> None:
+    with pytest.raises(ValueError, match=r"^neurotoxin: top_k must be a fraction in \[0, 1\)"):
+        P.DATA_ATTACKS.build("neurotoxin", top_k=top_k)
+    with pytest.raises(TypeError, match="top_k"):
+        P.DATA_ATTACKS.build("backdoor", top_k=0.1)
+
+
+def _role(attack: str, start_round: int = 1, **params: Any) -> Any:
+    from client.malicious import MaliciousRole
+
+    return MaliciousRole(attack, params, start_round)
+
+
+def test_finish_backdoor_update_with_defaults_is_the_update_times_one() -> None:
+    from client.malicious import finish_backdoor_update
+
+    u = torch.randn(50, generator=make_generator(3))
+    for attack in ("backdoor", "dba"):
+        sent = finish_backdoor_update(_role(attack), u, 1, benign=None)
+        assert torch.equal(sent, u * 1.0) and sent.dtype == u.dtype
+        boosted = finish_backdoor_update(_role(attack, boost=7), u, 1, benign=None)
+        assert torch.equal(boosted, u * 7.0)
+    for role, rnd in ((_role("label_flip"), 1), (_role("backdoor", 3, boost=7.0), 2)):
+        assert finish_backdoor_update(role, u, rnd, benign=None) is u  # not a backdoor / not yet
+
+
+def test_finish_backdoor_update_constrain_and_scale_norm() -> None:
+    from client.malicious import finish_backdoor_update
+
+    u = torch.randn(200, generator=make_generator(4), dtype=torch.float64)
+    norm = float(torch.linalg.vector_norm(u))
+    # boosted norm 10 |u| > bound: scaled to the bound exactly
+    sent = finish_backdoor_update(_role("backdoor", boost=10.0, max_norm=3 * norm), u, 1,
+                                  benign=None)
+    assert float(torch.linalg.vector_norm(sent)) == pytest.approx(3 * norm, rel=1e-12)
+    torch.testing.assert_close(sent, 3.0 * u, rtol=1e-12, atol=0.0)
+    # bound above the boosted norm: the plain boost
+    loose = finish_backdoor_update(_role("backdoor", boost=10.0, max_norm=11 * norm), u, 1,
+                                   benign=None)
+    assert torch.equal(loose, u * 10.0)
+
+
+def test_finish_backdoor_update_neurotoxin_projects_then_boosts(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from client.malicious import finish_backdoor_update
+
+    g = make_generator(5)
+    u = torch.randn(40, generator=g)
+    benign = torch.randn(40, generator=g)
+    role = _role("neurotoxin", boost=4.0, top_k=0.1)
+    sent = finish_backdoor_update(role, u, 2, benign=benign)
+    top = torch.argsort(benign.abs(), descending=True)[:4]  # ceil(0.1 * 40)
+    keep = torch.ones(40, dtype=torch.bool)
+    keep[top] = False
+    assert bool((sent[top] == 0).all())
+    assert torch.equal(sent[keep], u[keep] * 4.0)
+    with caplog.at_level("INFO", logger="fedshield.client"):
+        first = finish_backdoor_update(role, u, 1, benign=None)
+    assert torch.equal(first, u * 4.0)
+    assert "neurotoxin has no earlier global model" in caplog.text
+    with pytest.raises(ValueError, match="update's shape"):
+        finish_backdoor_update(role, u, 2, benign=benign[:5])

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import threading
 import time
@@ -35,10 +34,15 @@ from deploy.certs import write_bundle
 from deploy.federation import Federation, RunResult
 from deploy.processes import descendants, tagged_pids
 
+from ..conftest import _selects
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 NUM_NODES = int(os.environ.get("FEDSHIELD_LOAD_NODES", "20"))
 NUM_ROUNDS = 5
+# SuperLink state: in memory by default; FEDSHIELD_LOAD_DATABASE=1 uses the SQLite file,
+# whose concurrent writes Flower 1.41 answers with HTTP 500 under this load
+DATABASE = os.environ.get("FEDSHIELD_LOAD_DATABASE", "0") == "1"
 # Bounds only, so nothing waits forever: a normal round of 20 nodes took about 400 s on
 # 2 cores (ClientApp start-up is most of it), and a reply the SuperLink failed to store
 # keeps its round waiting until round-timeout.
@@ -52,17 +56,10 @@ pytestmark = [pytest.mark.load, pytest.mark.deploy, pytest.mark.slow,
               pytest.mark.timeout(START_TIMEOUT + RUN_TIMEOUT + 300.0)]
 
 
-def _selected_by_load(markexpr: str) -> bool:
-    """Whether ``-m`` names ``load`` other than negated (``load``, ``load and deploy``)."""
-    tokens = re.findall(r"[\w-]+", markexpr)
-    return any(t == "load" and (i == 0 or tokens[i - 1] != "not")
-               for i, t in enumerate(tokens))
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _only_when_asked(request: pytest.FixtureRequest) -> None:
     markexpr = str(request.config.getoption("markexpr") or "")
-    if not _selected_by_load(markexpr):
+    if not _selects(markexpr, "load"):
         pytest.skip("load test (10-25 min): run it with python -m pytest -m load "
                     "tests/deploy/test_load.py")
     for exe in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr"):
@@ -165,7 +162,8 @@ def _mib(n: int) -> float:
 def load_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadRun]:
     work = tmp_path_factory.mktemp("load")
     certs = write_bundle(work / "certs", nodes=NUM_NODES, days=1)
-    fed = Federation(work / "federation", num_nodes=NUM_NODES, certs=certs)
+    fed = Federation(work / "federation", num_nodes=NUM_NODES, certs=certs,
+                     database=DATABASE)
     out = work / "out"
     sampler: MemorySampler | None = None
     try:
@@ -199,6 +197,7 @@ def load_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadRun]:
         }
         report: dict[str, Any] = {
             "nodes": NUM_NODES,
+            "database": "sqlite" if DATABASE else "memory",
             "rounds": NUM_ROUNDS,
             "cpus": os.cpu_count(),
             "status": result.status,

@@ -17,7 +17,7 @@ from client.app import app as client_app
 from runconfig.config import RunConfig
 from server.app import run_server
 from simulations.config import resolve_config
-from simulations.engine import InProcessGrid
+from simulations.engine import ENGINE_KEYS, InProcessGrid
 
 BASE = ["num-clients=5", "num-server-rounds=1", "model=logreg", "local-epochs=1",
         "aggregator=median"]
@@ -40,7 +40,7 @@ class TamperingGrid(InProcessGrid):
 def _run(tamper: Tamper, tmp_path: Path) -> tuple[list[dict[str, Any]], dict[str, Any], list[int]]:
     cfg = resolve_config(None, [*BASE, f"out-dir={tmp_path}"])
     grid = TamperingGrid(tamper, client_app, cfg, 5)
-    rows = run_server(grid, RunConfig.from_flat({k: v for k, v in cfg.items() if k != "num-clients"}))
+    rows = run_server(grid, RunConfig.from_flat({k: v for k, v in cfg.items() if k not in ENGINE_KEYS}))
     audit = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
     return rows, audit[-1], grid.node_ids
 

@@ -3,7 +3,9 @@ loop, dropouts injected with the engine's fault hook."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +16,7 @@ from torch import Tensor
 from runconfig.config import RunConfig
 from server.stages import Component, Round
 from simulations.config import resolve_config
-from simulations.engine import run_in_process
+from simulations.engine import ENGINE_KEYS, run_in_process
 
 BASE = ["num-clients=6", "num-server-rounds=1", "model=logreg", "local-epochs=1"]
 SECAGG = "secagg=clip=1.0, neighbours='all'"  # 6 clients: k=5, t=3
@@ -109,19 +111,24 @@ def test_hybrid_key_agreement_runs_end_to_end(plain: dict[str, Tensor | None]) -
     (["aggregator=median"], "grouped secure aggregation"),
     (["pre-aggregation=norm_clip(max_norm=1.0)"], "grouped secure aggregation"),
     (["central-dp=noise_multiplier=1.0, clipping_norm=1.0", "clients-per-round=4"],
-     "not implemented yet"),
+     r"secagg \['clip'\] with central-dp"),
+    (["secagg=groups=2", "aggregator=median",
+      "central-dp=noise_multiplier=1.0, clipping_norm=1.0", "clients-per-round=4"],
+     "central DP|secagg groups with central-dp"),
+    (["secagg=neighbours='all'", "clients-per-round=4",
+      "central-dp=noise_multiplier=1.0, clipping_norm=1.0, adaptive=true"], "adaptive"),
     (["min-clients=1"], "min-clients >= 2"),
 ])
 def test_combinations_secagg_cannot_honour_are_refused(overrides: list[str], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         RunConfig.from_flat({k: v for k, v in resolve_config(None, [*BASE, SECAGG, *overrides]
-                                                             ).items() if k != "num-clients"})
+                                                             ).items() if k not in ENGINE_KEYS})
 
 
 def test_unknown_secagg_settings_are_refused() -> None:
     with pytest.raises(TypeError, match="neighbours"):
         RunConfig.from_flat({k: v for k, v in resolve_config(
-            None, [*BASE, "secagg=neighbors=3"]).items() if k != "num-clients"})
+            None, [*BASE, "secagg=neighbors=3"]).items() if k not in ENGINE_KEYS})
 
 
 def test_grouped_secure_aggregation_runs_the_rule_on_group_means() -> None:
@@ -140,3 +147,20 @@ def test_grouped_median_keeps_accuracy_under_an_attack_that_breaks_the_secure_me
     # measured: secure mean 0.092 -> 0.095 after 3 rounds; grouped median 0.769 (clean 0.877)
     assert mean_rows[-1]["accuracy"] < 0.2
     assert grouped_rows[-1]["accuracy"] > 0.6
+
+
+def test_the_audit_names_the_stage_each_lost_node_dropped_at(tmp_path: Path) -> None:
+    out = tmp_path / "drop"
+    _run(SECAGG, f"out-dir={out}", fault=_drop({0}, "share-keys"))
+    (audit,) = [json.loads(x) for x in (out / "audit.jsonl").read_text().splitlines()]
+    (lost,) = audit["rejected"]
+    assert lost["node_id"] == 1000  # the engine's node of partition 0
+    assert lost["reason"].startswith("secure aggregation: dropped at stage share-keys: ")
+    assert 1000 not in {p["node_id"] for p in audit["participants"]}
+    out = tmp_path / "fail"
+    _run(SECAGG, f"out-dir={out}", fault=_drop({0, 1, 2, 3}, "masked-input"))
+    (audit,) = [json.loads(x) for x in (out / "audit.jsonl").read_text().splitlines()]
+    reasons = {r["node_id"]: r["reason"] for r in audit["rejected"]}
+    assert sorted(reasons) == [1000 + i for i in range(6)]
+    assert all("masked-input" in why for why in reasons.values())
+    assert all(not why.startswith("no reply") for why in reasons.values())

@@ -18,7 +18,7 @@ from server.app import run_server
 from server.metrics_log import MAX_TEXT, MetricsLog, safe_text
 from server.stages import Plan
 from simulations.config import resolve_config
-from simulations.engine import InProcessGrid
+from simulations.engine import ENGINE_KEYS, InProcessGrid
 
 SUFFIX = len("... [cut, 1000000000 characters in all]")
 HOSTILE = ("boom\nINFO fedshield.server: round 9: kept 10 of 10 replies\r\x1b[2J\x00"
@@ -130,7 +130,7 @@ def test_a_crashing_client_leaves_its_error_not_its_traceback_in_the_audit(
 
     cfg = resolve_config(None, ["num-clients=4", "num-server-rounds=1", "model=logreg",
                                 "local-epochs=1", "aggregator=median", f"out-dir={tmp_path}"])
-    app_cfg = {k: v for k, v in cfg.items() if k != "num-clients"}
+    app_cfg = {k: v for k, v in cfg.items() if k not in ENGINE_KEYS}
     grid = InProcessGrid(client_app, app_cfg, 4, fault=fault)
     with caplog.at_level(logging.DEBUG, logger="fedshield.engine"):
         run_server(grid, app_cfg)

@@ -19,7 +19,7 @@ from server.loop import Federation
 from server.rounds import ModelSpec
 from server.stages import Component, Plan, stages_of
 from simulations.config import resolve_config
-from simulations.engine import InProcessGrid, run_in_process
+from simulations.engine import ENGINE_KEYS, InProcessGrid, run_in_process
 from simulations.task import build_task
 
 from .example_components import (
@@ -32,7 +32,6 @@ from .example_components import (
 )
 
 BASE = ["num-clients=6", "num-server-rounds=2", "model=logreg", "local-epochs=1"]
-TIMES = {"aggregation-seconds", "round-seconds"}
 
 
 def _cfg(*overrides: str) -> dict[str, Any]:
@@ -40,11 +39,11 @@ def _cfg(*overrides: str) -> dict[str, Any]:
 
 
 def _app_cfg(cfg: dict[str, Any]) -> RunConfig:
-    return RunConfig.from_flat({k: v for k, v in cfg.items() if k != "num-clients"})
+    return RunConfig.from_flat({k: v for k, v in cfg.items() if k not in ENGINE_KEYS})
 
 
 def _strip(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if k not in TIMES} for r in rows]
+    return [{k: v for k, v in r.items() if not k.endswith("-seconds")} for r in rows]
 
 
 def _client_with_query() -> ClientApp:

@@ -12,6 +12,7 @@ from server.rounds import ClientReply
 from simulations.adversary import all_attack_names, build_adversary
 from simulations.attacks import alie, alie_z_max, get_attack
 from simulations.config import resolve_config
+from simulations.engine import ENGINE_KEYS
 
 
 def _replies(n: int) -> list[ClientReply]:
@@ -23,7 +24,7 @@ def _replies(n: int) -> list[ClientReply]:
 
 def _adv(*overrides: str):  # type: ignore[no-untyped-def]
     flat = resolve_config(None, ["num-clients=10", *overrides])
-    return build_adversary(RunConfig.from_flat({k: v for k, v in flat.items() if k != "num-clients"}))
+    return build_adversary(RunConfig.from_flat({k: v for k, v in flat.items() if k not in ENGINE_KEYS}))
 
 
 def _mount(adv, server_round: int, updates: torch.Tensor, replies: list[ClientReply]) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -114,8 +115,9 @@ def test_bad_attack_configs_are_refused(override: str, error: type, match: str) 
 # update these sets: the test then checks the new attack is wired where it belongs.
 OMNISCIENT = {"alie", "alie_adaptive", "ipm_adaptive", "fang_krum", "fang_trimmed_mean", "gaussian_noise", "ipm", "mimic",
               "min_max", "min_sum", "scaling", "sign_flip_mean"}
-CLIENT_SIDE = {"gaussian", "sign_flip", "inflate_examples", "label_flip", "backdoor", "dba"}
-BACKDOORS = {"backdoor", "dba"}
+CLIENT_SIDE = {"gaussian", "sign_flip", "inflate_examples", "label_flip", "backdoor", "dba",
+               "neurotoxin"}
+BACKDOORS = {"backdoor", "dba", "neurotoxin"}
 DEFENSE_AWARE = {"fang_krum", "alie_adaptive", "ipm_adaptive"}
 
 

@@ -12,8 +12,9 @@ from scipy.stats import norm
 from torch import Tensor
 
 import aggregation
-from aggregation.registry import make_generator
+from aggregation.registry import derive_seed, make_generator
 from simulations import attacks as A
+from simulations.engine import ENGINE_KEYS
 
 EXPECTED = {
     "alie", "alie_adaptive", "fang_krum", "fang_trimmed_mean", "gaussian_noise", "ipm",
@@ -602,3 +603,81 @@ def test_alie_adaptive_needs_two_honest() -> None:
     with pytest.raises(ValueError, match="alie_adaptive: needs h >= 2"):
         A.get_attack("alie_adaptive")(torch.ones(1, 3), f=1, generator=make_generator(0),
                                       aggregator=reference_krum(1))
+
+
+# --------------------------------------------------------------------------- the defense in use
+
+
+def test_round_defense_binds_the_rounds_context_for_every_candidate() -> None:
+    """The search calls the defense with the round's weights, clients (rows honest first,
+    then the attackers) and reference, for every candidate strength."""
+    seen: list[tuple[Tensor | None, Tensor | None, Tensor | None]] = []
+
+    def spy(updates: Tensor, weights: Tensor | None = None, *,
+            generator: torch.Generator | None = None, clients: Tensor | None = None,
+            reference: Tensor | None = None) -> SimpleNamespace:
+        seen.append((weights, clients, reference))
+        return SimpleNamespace(update=updates.mean(dim=0), kept=torch.arange(updates.shape[0]))
+
+    honest = honest_stack(h=7, d=5)
+    weights = torch.arange(1.0, 11.0, dtype=torch.float64)
+    clients = torch.tensor([5, 9, 2, 7, 0, 1, 3, 8, 4, 6])
+    reference = torch.ones(5, dtype=torch.float64)
+    defense = A.RoundDefense(spy, weights=weights, clients=clients, reference=reference)
+    A.get_attack("ipm_adaptive")(honest, f=3, generator=make_generator(0), aggregator=defense)
+    assert len(seen) == 1 + 9 + 8
+    for w, c, r in seen:
+        assert w is weights and c is clients and r is reference
+    with pytest.raises(ValueError, match="clients bound for 10 clients, the stack has 8 rows"):
+        A.RoundDefense(spy, clients=clients)(torch.zeros(8, 5))
+
+
+@pytest.mark.parametrize("adaptive", sorted(ADAPTIVE))
+def test_adaptive_attacks_search_against_fltrust_given_its_reference(adaptive: str) -> None:
+    """FLTrust refuses a call without the server's reference update, so an unbound search
+    has no candidate; bound to the round, it searches and beats the fixed strength."""
+    f = 3
+    honest = noisy_honest(h=12, d=30, seed=2)
+    rule = aggregation.get("fltrust")
+    with pytest.raises(ValueError, match="reference"):
+        A.get_attack(adaptive)(honest, f=f, generator=make_generator(0), aggregator=rule)
+    reference = honest.mean(dim=0) + 0.1 * torch.randn(30, generator=make_generator(9),
+                                                       dtype=torch.float64)
+    defense = A.RoundDefense(rule, reference=reference)
+    crafted = A.get_attack(adaptive)(honest, f=f, generator=make_generator(0),
+                                     aggregator=defense)
+    fixed = A.get_attack(ADAPTIVE[adaptive][0])(honest, f=f, generator=make_generator(0))
+    assert defended_distance(defense, honest, crafted, 0) >= defended_distance(
+        defense, honest, fixed, 0) * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("adaptive", sorted(ADAPTIVE))
+def test_the_adversary_searches_against_the_runs_rule_and_pre_aggregation(adaptive: str) -> None:
+    """The adversary hands the adaptive attack the run's defense (rule and pre-aggregation
+    steps, ``server.run.build_rule``): its crafted updates are the ones searched against
+    that defense, and differ from those searched against the bare rule."""
+    from client.malicious import malicious_partitions
+    from runconfig.config import RunConfig
+    from server.rounds import ClientReply
+    from server.run import build_rule
+    from simulations.adversary import build_adversary
+    from simulations.config import resolve_config
+
+    flat = resolve_config(None, ["num-malicious=3", f"attack={adaptive}", "aggregator=median",
+                                 "pre-aggregation=bucketing(s=2)"])
+    cfg = RunConfig.from_flat({k: v for k, v in flat.items() if k not in ENGINE_KEYS})
+    adv = build_adversary(cfg)
+    assert adv is not None and adv.aggregator is not None
+    updates = noisy_honest(h=10, d=12, seed=5)
+    replies = [ClientReply(100 + i, {}, 1.0, partition_id=i, metrics={"num-partitions": 10})
+               for i in range(10)]
+    out, failure = adv.mount(1, updates, replies)
+    assert failure is None
+    bad = sorted(malicious_partitions(10, 3, 0))
+    honest = updates[[i for i in range(10) if i not in bad]]
+    gen = make_generator(derive_seed(0, "adversary", 1))
+    expected = A.get_attack(adaptive)(honest, f=3, generator=gen, aggregator=build_rule(cfg))
+    torch.testing.assert_close(out[bad], expected, rtol=0, atol=0)
+    bare = A.get_attack(adaptive)(honest, f=3, generator=make_generator(
+        derive_seed(0, "adversary", 1)), aggregator=aggregation.get("median"))
+    assert not torch.equal(out[bad], bare)  # bucketing changed the chosen strength

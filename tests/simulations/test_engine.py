@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 from client.app import handle_train
 from server.checkpoint import load_checkpoint
 from simulations.config import resolve_config
-from simulations.engine import InProcessGrid, run_in_process
+from simulations.engine import ENGINE_KEYS, InProcessGrid, run_in_process
 from simulations.task import build_task
 
 pytestmark = pytest.mark.slow
@@ -111,7 +111,7 @@ def test_crashing_and_malformed_clients_are_rejected_and_logged(tmp_path: Path) 
     from server.app import run_server
 
     grid = InProcessGrid(bad, cfg, 10, fault=fault)
-    rows = run_server(grid, {k: v for k, v in cfg.items() if k != "num-clients"})
+    rows = run_server(grid, {k: v for k, v in cfg.items() if k not in ENGINE_KEYS})
     assert not rows[-1]["skipped"] and rows[-1]["num-kept"] == 7
     audit = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert [record["round"] for record in audit] == [1, 2]
@@ -138,7 +138,7 @@ def test_too_few_clients_skips_rounds_and_keeps_model(tmp_path: Path) -> None:
 
     grid = InProcessGrid(ClientApp(), cfg, 10, fault=lambda pid, m: pid >= 3)  # 3 answer
     # the empty ClientApp has no train handler: the 3 that answer reply with an error
-    rows = run_server(grid, {k: v for k, v in cfg.items() if k != "num-clients"})
+    rows = run_server(grid, {k: v for k, v in cfg.items() if k not in ENGINE_KEYS})
     assert all(r["skipped"] for r in rows[1:])
     assert len({r["accuracy"] for r in rows}) == 1
 

@@ -145,6 +145,13 @@ DEFENSES = [(r, None) for r in aggregation.names()] + [(None, s) for s in aggreg
 DEFENSE_IDS = [r or f"mean+{s}" for r, s in DEFENSES]
 
 
+def _root(rule: str | None) -> dict[str, Scalar]:
+    """A root dataset for the rules that weigh updates against the server's root update."""
+    needs = rule is not None and "reference" in inspect.signature(
+        aggregation.RULES.get(rule).fn).parameters
+    return {"root-dataset": "held-out(size=100)"} if needs else {}
+
+
 def _check_defense_config(flat: Mapping[str, Scalar], expected: str) -> None:
     cfg = _validated(flat)
     agg = build_rule(cfg)
@@ -159,6 +166,7 @@ def test_every_defense_is_reachable_from_a_run_config(rule: str | None, step: st
         "aggregator": rule_spec.name,
         "aggregator-params": format_params(rule_spec.params),
         "pre-aggregation": "; ".join(str(s) for s in steps),
+        **_root(rule),
     })
     _check_defense_config(flat, "+".join([rule_spec.name, *(s.name for s in steps)]))
 
@@ -170,7 +178,7 @@ def test_every_defense_is_reachable_from_a_bench_scenario(rule: str | None,
     text = "+".join(str(s) for s in [rule_spec, *steps])  # the bench writes rule+step
     keys = parse_entry("defense", text).as_dict()
     assert keys["aggregator"] == rule_spec.name
-    _check_defense_config(_config({"num-malicious": NUM_MALICIOUS, **keys}),
+    _check_defense_config(_config({"num-malicious": NUM_MALICIOUS, **keys, **_root(rule)}),
                           "+".join([rule_spec.name, *(s.name for s in steps)]))
 
 

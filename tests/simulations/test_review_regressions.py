@@ -14,7 +14,7 @@ from client.app import handle_train
 from server.app import run_server
 from simulations.cli import main
 from simulations.config import resolve_config
-from simulations.engine import InProcessGrid, run_in_process
+from simulations.engine import ENGINE_KEYS, InProcessGrid, run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,7 @@ def test_poisoned_metrics_are_rejected_not_a_crash(tmp_path: Path) -> None:
         return reply
 
     cfg = resolve_config(None, [*BASE, "num-clients=6", f"out-dir={tmp_path}", "aggregator=median"])
-    rows = run_server(InProcessGrid(bad, cfg, 6), {k: v for k, v in cfg.items() if k != "num-clients"})
+    rows = run_server(InProcessGrid(bad, cfg, 6), {k: v for k, v in cfg.items() if k not in ENGINE_KEYS})
     assert rows[-1]["num-kept"] == 3 and not rows[-1]["skipped"]
     audit = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
     reasons = " | ".join(r["reason"] for r in audit[0]["rejected"])

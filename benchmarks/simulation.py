@@ -1,0 +1,156 @@
+"""Simulation speed: a round's n clients trained by four paths, side by side in one run.
+
+For each model (digits MLP and CNN) and each n (clients per round, every client sampled)
+it prints the steady-state seconds per round of:
+
+- **plain loop**: a per-client PyTorch loop, what ByzFL's and FLPoison's benchmarks do:
+  for each client, load the global weights into one model, ``torch.optim.SGD``, its
+  epochs of shuffled batches, its update; then the mean update. No messages, no server;
+- **per-client engine**: ``run_in_process`` with ``engine = "per-client"``, the ClientApp
+  called once per node (the whole round: messages, server aggregation, evaluation);
+- **batched engine**: ``run_in_process`` with ``engine = "batched"`` (the same round, its
+  training answered by :mod:`simulations.batched`);
+- **batched core**: :func:`client.functional.local_train_stacked` on all n clients and
+  the mean update, the training alone (no messages, no server), as the plain loop.
+
+Training is the same everywhere: digits, iid partition over n clients, 2 local epochs,
+batch 32, SGD with lr 0.3 (the run config's defaults), CPU. Engine figures are the
+``round-seconds`` of the rounds after the first (the first pays the imports and caches);
+the loops are timed over ``--rounds`` rounds after one warm-up round. The ratios are
+the plain loop's seconds per round divided by the other path's (its rounds per second
+over the plain loop's).
+
+    python benchmarks/simulation.py                      # n = 10 100 1000, mlp and cnn
+    python benchmarks/simulation.py --n 100 --models mlp --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+# run as a script, this file's folder leads sys.path; the packages live one level up
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from aggregation.registry import derive_seed, make_generator  # noqa: E402
+from client.functional import local_train_stacked, stack_parameters  # noqa: E402
+from client.train import TrainSettings  # noqa: E402
+from simulations.config import resolve_config  # noqa: E402
+from simulations.engine import run_in_process  # noqa: E402
+from simulations.task import build_task  # noqa: E402
+
+TARGET = (1000, 20.0)  # at n = 1000: at least 20x the plain loop's rounds per second
+
+
+def _config(model: str, n: int, rounds: int) -> dict[str, Any]:
+    return dict(resolve_config(None, [
+        "dataset=digits", f"model={model}", f"num-clients={n}", "clients-per-round=0",
+        "min-clients=1", "local-epochs=2", "batch-size=32", "device=cpu", "seed=0",
+        f"num-server-rounds={rounds}", "aggregator=mean",
+    ]))
+
+
+def _engine_seconds(flat: dict[str, Any], engine: str) -> float:
+    rows = run_in_process({**flat, "engine": engine})
+    steady = [float(r["round-seconds"]) for r in rows if r["round"] >= 2]
+    return min(steady)
+
+
+def _settings(flat: dict[str, Any]) -> TrainSettings:
+    return TrainSettings(epochs=int(flat["local-epochs"]), batch_size=int(flat["batch-size"]),
+                         lr=float(flat["learning-rate"]))
+
+
+def _flat(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _plain_round(model: nn.Module, data: Sequence[tuple[Tensor, Tensor]],
+                 st: TrainSettings, r: int) -> None:
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    g = _flat(model)
+    total = torch.zeros_like(g)
+    for i, (x, y) in enumerate(data):
+        model.load_state_dict(global_state)
+        opt = torch.optim.SGD(model.parameters(), lr=st.lr)
+        gen = make_generator(derive_seed(0, "bench", i, r))
+        for _ in range(st.epochs):
+            for idx in torch.split(torch.randperm(x.shape[0], generator=gen), st.batch_size):
+                opt.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()  # type: ignore[no-untyped-call]
+                opt.step()
+        total += _flat(model) - g
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(g + total / len(data), model.parameters())
+
+
+def _batched_round(model: nn.Module, data: Sequence[tuple[Tensor, Tensor]],
+                   st: TrainSettings, r: int) -> None:
+    gens = [make_generator(derive_seed(0, "bench", i, r)) for i in range(len(data))]
+    params, _ = local_train_stacked(model, stack_parameters(model, len(data)), data, st,
+                                    generators=gens)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name].mean(0))
+
+
+def _loop_seconds(step: Callable[[nn.Module, Sequence[tuple[Tensor, Tensor]],
+                                  TrainSettings, int], None],
+                  flat: dict[str, Any], n: int, rounds: int) -> float:
+    task = build_task(flat)
+    model = task.build_model()
+    data = [task.train_data({"partition-id": i, "num-partitions": n}) for i in range(n)]
+    st = _settings(flat)
+    step(model, data, st, 0)  # warm-up
+    best = float("inf")
+    for r in range(1, rounds + 1):
+        t0 = time.perf_counter()
+        step(model, data, st, r)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, nargs="+", default=[10, 100, 1000])
+    p.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds (best is printed)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--skip-per-client-engine-above", type=int, default=1000,
+                   help="skip the per-client engine for larger n (it is the slowest path)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads, "
+          f"load {os.getloadavg()[0]:.1f}")
+    print(f"# seconds per round (best of {args.rounds}); x = plain loop / path")
+    head = ("model", "n", "plain loop", "per-client engine", "batched engine", "batched core",
+            "x engine", "x core")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for model in args.models:
+        for n in args.n:
+            flat = _config(model, n, 1 + args.rounds)
+            plain = _loop_seconds(_plain_round, flat, n, args.rounds)
+            core = _loop_seconds(_batched_round, flat, n, args.rounds)
+            batched = _engine_seconds(flat, "batched")
+            per_client = (_engine_seconds(flat, "per-client")
+                          if n <= args.skip_per_client_engine_above else float("nan"))
+            mark = " !" if n == TARGET[0] and plain / batched < TARGET[1] else ""
+            print(f"| {model} | {n} | {plain:.4f} | {per_client:.4f} | {batched:.4f} | "
+                  f"{core:.4f} | {plain / batched:.1f}{mark} | {plain / core:.1f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

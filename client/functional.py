@@ -1,0 +1,397 @@
+"""Local training written functionally (``torch.func``): one client, or K clients at once.
+
+The model's parameters are a dict of tensors, not module state: :func:`local_train_stacked`
+takes them stacked along a leading client axis, ``(K, *shape)`` per parameter, and trains
+all K clients together. Each step is one ``vmap`` over the clients of
+``grad_and_value(loss)`` (the loss evaluated with ``functional_call``), followed by the
+optimizer's update written out on the stacked tensors, element for element what
+``torch.optim.SGD`` / ``torch.optim.Adam`` do (their single-tensor code path). K = 1 is one
+client.
+
+What makes K clients train like K separate runs of :func:`client.train.local_train`:
+
+- **The same batches.** :func:`client_batches` draws from the client's generator exactly
+  what ``local_train`` draws (its dropout seed, then one permutation per epoch), so client
+  ``k`` sees the same batches in the same order.
+- **Masked steps, not fake data.** Clients with more data make more steps. At step ``s``
+  only the clients that still have a batch step (the clients are sorted by their number of
+  steps, so these are a prefix of the stack); the others' parameters and optimizer state
+  are not touched. Within a step a client's batch may be shorter than the others' (the
+  last batch of an epoch): its loss is the mean over its own samples, the rows that pad it
+  to the longest batch weigh exactly zero.
+- **No shared optimizer state.** Momentum and Adam's moments are stacked like the
+  parameters; every client that steps at step ``s`` is at its own step ``s + 1``, so
+  Adam's bias correction is one number per step.
+
+The results equal ``local_train``'s within float tolerance, not bit for bit: a batched
+matrix product sums in another order than K separate ones, and a padded batch's mean is a
+weighted sum. ``tests/client/test_functional.py`` measures the difference.
+
+Not covered here (the batched engine trains such clients one by one): models with
+dropout (its mask draws from the global RNG per client) or with buffers (BatchNorm
+statistics), and DP-SGD.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, grad_and_value, vmap
+
+from .train import TrainSettings, batches
+
+__all__ = [
+    "ADAM_BETAS",
+    "ADAM_EPS",
+    "Schedule",
+    "StackedLoss",
+    "client_batches",
+    "cross_entropy_loss",
+    "local_train_stacked",
+    "make_schedule",
+    "pgd_perturb",
+    "stack_parameters",
+    "unsupported_features",
+]
+
+ADAM_BETAS = (0.9, 0.999)
+"""``torch.optim.Adam``'s default ``(beta1, beta2)``, which :class:`TrainSettings` uses."""
+ADAM_EPS = 1e-8
+"""``torch.optim.Adam``'s default ``eps``."""
+
+Params = dict[str, Tensor]
+StackedLoss = Callable[[nn.Module, Params, Tensor, Tensor, Tensor], Tensor]
+"""``loss(model, params, x, y, w) -> scalar`` for one client: ``x (B, ...)``, ``y (B,)``,
+``w (B,)`` the weight of each sample (``1/b`` for the client's ``b`` real samples, 0 for
+padding); vmapped over the clients."""
+
+
+Perturb = Callable[[nn.Module, Params, Tensor, Tensor, Tensor, list[int]], Tensor]
+"""``perturb(model, params, x, y, w, clients) -> x'`` for one step of the ``A`` clients
+that step: ``params`` ``(A, ...)``, ``x (A, B, ...)``, ``y, w (A, B)``, ``clients`` their
+indices in the caller's order; returns ``x' (A, B, ...)``."""
+
+
+def pgd_perturb(
+    eps: float, alpha: float, steps: int, generators: Sequence[torch.Generator], *,
+    clamp: tuple[float, float] = (0.0, 1.0),
+) -> Perturb:
+    """PGD's inner maximisation [Madry et al., 2018] for K clients, as
+    :func:`client.adversarial.pgd` does it for one (random start drawn from client ``k``'s
+    ``generators[k]``, one draw of its real rows per step, then ``steps`` signed-gradient
+    steps projected on the ``eps`` ball and the ``clamp`` box).
+
+    Raises
+    ------
+    ValueError
+        Inputs outside the clamp box (as ``pgd``), ``eps < 0``, ``alpha <= 0``, ``steps < 1``.
+    """
+    if not eps >= 0 or not alpha > 0 or steps < 1:
+        raise ValueError(f"pgd needs eps >= 0, alpha > 0, steps >= 1, got {eps}, {alpha}, {steps}")
+    lo, hi = clamp
+
+    def input_loss(model: nn.Module, p: Params, x: Tensor, y: Tensor, real: Tensor) -> Tensor:
+        logits = functional_call(model, p, (x,))
+        return (nn.functional.cross_entropy(logits, y, reduction="none") * real).sum()
+
+    def perturb(model: nn.Module, params: Params, x: Tensor, y: Tensor, w: Tensor,
+                clients: list[int]) -> Tensor:
+        if x.numel() and (float(x.min()) < lo or float(x.max()) > hi):
+            raise ValueError(
+                f"inputs lie in [{float(x.min()):.4g}, {float(x.max()):.4g}], outside the "
+                f"clamp box [{lo}, {hi}]: scale the data into the box or pass clamp=None")
+        real = (w > 0).to(x.dtype)
+        u = torch.zeros_like(x)
+        for j, k in enumerate(clients):
+            b = int((w[j] > 0).sum())
+            g = generators[k]
+            u[j, :b] = torch.rand((b, *x.shape[2:]), generator=g, dtype=x.dtype,
+                                  device=g.device).to(x.device)
+
+        def project(xa: Tensor) -> Tensor:
+            return torch.minimum(torch.maximum(xa, x - eps), x + eps).clamp(lo, hi)
+
+        x_adv = project(x + eps * (2 * u - 1))
+        dx = vmap(grad(lambda p, xa, yy, r: input_loss(model, p, xa, yy, r), argnums=1))
+        for _ in range(steps):
+            x_adv = project(x_adv + alpha * dx(params, x_adv, y, real).sign())
+        return x_adv.detach()
+
+    return perturb
+
+
+def cross_entropy_loss(model: nn.Module, params: Params, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
+    """Cross-entropy averaged over the client's real samples: ``sum_i w_i CE(f(x_i), y_i)``."""
+    logits = functional_call(model, params, (x,))
+    return (nn.functional.cross_entropy(logits, y, reduction="none") * w).sum()
+
+
+def unsupported_features(model: nn.Module) -> list[str]:
+    """What in ``model`` the functional training does not reproduce; ``[]`` when none.
+
+    ``"dropout"``: a dropout layer with ``p > 0`` (per-client masks come from the global
+    RNG, seeded per client by ``local_train``); ``"buffers"``: floating-point buffers
+    (e.g. BatchNorm statistics, which training updates outside the parameters).
+    """
+    out = []
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        out.append("dropout")
+    if any(b.is_floating_point() for b in model.buffers()):
+        out.append("buffers")
+    return out
+
+
+def stack_parameters(model: nn.Module, k: int, *, device: torch.device | None = None) -> Params:
+    """``K`` copies of ``model``'s parameters, stacked: ``name -> (K, *shape)``.
+
+    Examples
+    --------
+    >>> p = stack_parameters(nn.Linear(3, 2), 4)
+    >>> p["weight"].shape, p["bias"].shape
+    (torch.Size([4, 2, 3]), torch.Size([4, 2]))
+    """
+    if k < 1:
+        raise ValueError(f"stack_parameters needs k >= 1 clients, got {k}")
+    return {
+        name: p.detach().to(device).unsqueeze(0).repeat(k, *([1] * p.dim()))
+        for name, p in model.named_parameters()
+    }
+
+
+def client_batches(n: int, settings: TrainSettings, *, generator: torch.Generator) -> list[Tensor]:
+    """One client's batches over all its epochs, drawn exactly as ``local_train`` draws them.
+
+    ``local_train`` first draws the seed of its dropout RNG, then one permutation of
+    ``range(n)`` per epoch (:func:`client.train.batches`); this draws the same, in the same
+    order, so the generator ends where ``local_train`` leaves it.
+
+    Returns
+    -------
+    list of Tensor
+        ``epochs * ceil(n / batch_size)`` index tensors into the client's data.
+
+    Raises
+    ------
+    ValueError
+        If ``n < 1`` (the same refusal as ``local_train``).
+    """
+    if n < 1:
+        raise ValueError("cannot train on an empty partition: give this client some data")
+    int(torch.randint(0, 2**62, (1,), generator=generator))  # local_train's dropout seed
+    out: list[Tensor] = []
+    for _ in range(settings.epochs):
+        out.extend(batches(n, settings.batch_size, generator=generator))
+    return out
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which rows of the concatenated data every client trains on at every step.
+
+    Attributes
+    ----------
+    order
+        ``(K,)`` int64: position ``j`` of the stack holds client ``order[j]`` (clients sorted
+        by number of steps, most first, so the clients that step form a prefix).
+    rows
+        Per step ``s``: ``(A_s, B_s)`` int64 rows of the concatenated data for the ``A_s``
+        clients that step, padded to the longest batch ``B_s``.
+    weights
+        Per step: ``(A_s, B_s)`` float32, ``1/b`` on a client's ``b`` real rows, 0 on padding.
+    counts
+        Per step: ``(A_s,)`` float64, ``b`` of each client.
+    last_epoch
+        Per step: ``(A_s,)`` bool, whether the step is in that client's last epoch (the
+        reported train loss averages those).
+    """
+
+    order: Tensor
+    rows: tuple[Tensor, ...]
+    weights: tuple[Tensor, ...]
+    counts: tuple[Tensor, ...]
+    last_epoch: tuple[Tensor, ...]
+
+
+def make_schedule(
+    sizes: Sequence[int], settings: TrainSettings, generators: Sequence[torch.Generator]
+) -> Schedule:
+    """The step plan of K clients with ``sizes[k]`` examples each, data concatenated in order.
+
+    Client ``k``'s rows in the concatenated data are ``offset_k + i`` with ``offset_k =
+    sum(sizes[:k])``; its batches come from :func:`client_batches` with ``generators[k]``.
+    """
+    if len(sizes) != len(generators) or not sizes:
+        raise ValueError(
+            f"make_schedule needs one generator per client and at least one client, got "
+            f"{len(sizes)} sizes and {len(generators)} generators"
+        )
+    offsets = [0]
+    for n in sizes[:-1]:
+        offsets.append(offsets[-1] + n)
+    # plain lists: K clients x a few rows each is cheaper in Python than as small tensors
+    plans = [[(b + off).tolist() for b in client_batches(n, settings, generator=g)]
+             for n, g, off in zip(sizes, generators, offsets, strict=True)]
+    per_epoch = [math.ceil(n / settings.batch_size) for n in sizes]
+    order = sorted(range(len(sizes)), key=lambda k: -len(plans[k]))  # stable
+    num_steps = [len(plans[k]) for k in order]  # non-increasing
+    rows, weights, counts, last = [], [], [], []
+    active = len(order)
+    for s in range(num_steps[0]):
+        while num_steps[active - 1] <= s:  # the clients that step form a prefix of order
+            active -= 1
+        batch = [plans[k][s] for k in order[:active]]
+        lens = torch.tensor([len(b) for b in batch], dtype=torch.int64)
+        width = int(lens.max())
+        rows.append(torch.tensor([b + [0] * (width - len(b)) for b in batch], dtype=torch.int64))
+        real = torch.arange(width).unsqueeze(0) < lens.unsqueeze(1)  # (A, B)
+        weights.append(real.float() / lens.unsqueeze(1).float())
+        counts.append(lens.double())
+        last.append(torch.tensor([s >= (settings.epochs - 1) * per_epoch[k]
+                                  for k in order[:active]]))
+    return Schedule(torch.tensor(order, dtype=torch.int64), tuple(rows), tuple(weights),
+                    tuple(counts), tuple(last))
+
+
+def local_train_stacked(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    data: Sequence[tuple[Tensor, Tensor]],
+    settings: TrainSettings,
+    *,
+    generators: Sequence[torch.Generator],
+    device: torch.device | None = None,
+    loss: StackedLoss = cross_entropy_loss,
+    perturb: Perturb | None = None,
+) -> tuple[Params, Tensor]:
+    """Train K clients at once from stacked parameters; :func:`~client.train.local_train` x K.
+
+    Parameters
+    ----------
+    model
+        The architecture (its own parameters are not used, nor changed); in training mode.
+    params
+        ``name -> (K, *shape)``: client ``k``'s starting parameters at index ``k``
+        (:func:`stack_parameters`); not changed.
+    data
+        K pairs ``(x_k (N_k, ...), y_k (N_k,))``, ``N_k >= 1``; sizes may differ.
+    settings
+        Epochs, batch size, optimizer (SGD with momentum and weight decay, or Adam).
+    generators
+        K CPU generators, client ``k``'s batch order (as ``local_train``'s ``generator``).
+    device
+        Where to train; default the parameters' device.
+    loss
+        Per-client loss (:data:`StackedLoss`), vmapped over the clients.
+    perturb
+        Optional (:data:`Perturb`): replaces each step's inputs before the loss sees them
+        (adversarial training, :func:`pgd_perturb`).
+
+    Returns
+    -------
+    params : dict
+        ``name -> (K, *shape)``, the trained parameters, on ``device``.
+    train_loss : Tensor
+        ``(K,)`` float64: mean loss over each client's last epoch (``local_train``'s
+        ``train-loss``).
+
+    Raises
+    ------
+    ValueError
+        Parameters that disagree with the model or with K, empty data, or shapes of ``x`` and
+        ``y`` that disagree.
+
+    Examples
+    --------
+    >>> gen = [torch.Generator().manual_seed(i) for i in range(3)]
+    >>> net = nn.Linear(4, 2)
+    >>> data = [(torch.randn(n, 4, generator=g), torch.randint(0, 2, (n,), generator=g))
+    ...         for n, g in zip((5, 9, 2), gen)]
+    >>> p, loss = local_train_stacked(net, stack_parameters(net, 3), data,
+    ...                               TrainSettings(batch_size=4), generators=gen)
+    >>> p["weight"].shape, loss.shape
+    (torch.Size([3, 2, 4]), torch.Size([3]))
+    """
+    k = len(data)
+    names = [n for n, _ in model.named_parameters()]
+    if sorted(params) != sorted(names):
+        raise ValueError(f"params has keys {sorted(params)}, the model's are {sorted(names)}")
+    for name, p in model.named_parameters():
+        if tuple(params[name].shape) != (k, *p.shape):
+            raise ValueError(
+                f"params[{name!r}] has shape {tuple(params[name].shape)}, expected "
+                f"{(k, *p.shape)} (K={k} clients stacked on the model's {tuple(p.shape)})"
+            )
+    for i, (x, y) in enumerate(data):
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"client {i}: x has {x.shape[0]} rows but y has {y.shape[0]}")
+    device = device if device is not None else next(iter(params.values())).device
+    plan = make_schedule([int(x.shape[0]) for x, _ in data], settings, generators)
+    order = plan.order.to(device)
+    stacked = {n: params[n].to(device).index_select(0, order) for n in names}  # new tensors
+    x_all = torch.cat([x for x, _ in data]).to(device)
+    y_all = torch.cat([y for _, y in data]).to(device)
+    step = vmap(grad_and_value(lambda p, x, y, w: loss(model, p, x, y, w)))
+    state: dict[str, Params] = {}
+    total = torch.zeros(k, dtype=torch.float64, device=device)
+    count = torch.zeros(k, dtype=torch.float64, device=device)
+    for s, rows in enumerate(plan.rows):
+        a = rows.shape[0]
+        rows_d = rows.to(device)
+        active = {n: t[:a] for n, t in stacked.items()}
+        xb, yb, wb = x_all[rows_d], y_all[rows_d], plan.weights[s].to(device)
+        if perturb is not None:  # e.g. PGD: the inputs the loss sees this step
+            xb = perturb(model, active, xb, yb, wb, plan.order[:a].tolist())
+        grads, values = step(active, xb, yb, wb)
+        _optimizer_step(settings, active, grads, state, step=s + 1)
+        last = plan.last_epoch[s].to(device)
+        counts = plan.counts[s].to(device)
+        total[:a] += torch.where(last, values.detach().double() * counts, 0.0)
+        count[:a] += torch.where(last, counts, 0.0)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(k, device=device)
+    out = {n: t.index_select(0, inverse) for n, t in stacked.items()}
+    return out, (total / count).index_select(0, inverse)
+
+
+def _optimizer_step(
+    settings: TrainSettings, params: Params, grads: Params, state: dict[str, Params], *,
+    step: int,
+) -> None:
+    """One step of ``torch.optim.SGD`` / ``Adam`` (single-tensor path) on the first ``A``
+    rows of the stacked state, in place; ``step`` counts from 1 and is every row's."""
+    lr, wd = settings.lr, settings.weight_decay
+    if settings.optimizer == "sgd":
+        bufs = state.setdefault("momentum", {})
+        for name, p in params.items():
+            g = grads[name]
+            if wd != 0:
+                g = g.add(p, alpha=wd)
+            if settings.momentum != 0:
+                if step == 1:  # every client steps at step 1
+                    bufs[name] = g.detach().clone()
+                    g = bufs[name]
+                else:
+                    g = bufs[name][: p.shape[0]].mul_(settings.momentum).add_(g, alpha=1)
+            p.add_(g, alpha=-lr)
+        return
+    beta1, beta2 = ADAM_BETAS
+    m_all, v_all = state.setdefault("exp_avg", {}), state.setdefault("exp_avg_sq", {})
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = bias_correction2**0.5
+    for name, p in params.items():
+        g = grads[name]
+        if step == 1:
+            m_all[name], v_all[name] = torch.zeros_like(p), torch.zeros_like(p)
+        m, v = m_all[name][: p.shape[0]], v_all[name][: p.shape[0]]
+        if wd != 0:
+            g = g.add(p, alpha=wd)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(ADAM_EPS)
+        p.addcdiv_(m, denom, value=-step_size)

@@ -1,0 +1,205 @@
+"""Functional local training (client/functional.py) against ``local_train``, the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from client.functional import (
+    client_batches,
+    local_train_stacked,
+    make_schedule,
+    stack_parameters,
+    unsupported_features,
+)
+from client.train import TrainSettings, local_train
+from simulations.models import build_model
+
+CPU = torch.device("cpu")
+SHAPE = (1, 8, 8)
+
+
+def _model(name: str) -> nn.Module:
+    return build_model(name, SHAPE, 10, generator=torch.Generator().manual_seed(1))
+
+
+def _data(sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    return [(torch.rand(n, *SHAPE, generator=g), torch.randint(0, 10, (n,), generator=g))
+            for n in sizes]
+
+
+def _gens(k: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(100 + i) for i in range(k)]
+
+
+SETTINGS = {
+    "sgd": TrainSettings(epochs=1, batch_size=8, lr=0.1),
+    "sgd-momentum-wd": TrainSettings(epochs=2, batch_size=8, lr=0.1, momentum=0.9,
+                                     weight_decay=1e-3),
+    "adam-wd": TrainSettings(epochs=2, batch_size=8, lr=0.01, optimizer="adam",
+                             weight_decay=1e-3),
+    "three-epochs-batch-5": TrainSettings(epochs=3, batch_size=5, lr=0.05),
+}
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn", "logreg"])
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_k_clients_train_as_k_runs_of_local_train(model_name: str, setting: str) -> None:
+    """Unequal sizes (one client a single example, one smaller than a batch) train as
+    separate ``local_train`` runs do: parameters and train loss within float tolerance."""
+    st = SETTINGS[setting]
+    sizes = [20, 7, 33, 1, 16]
+    data = _data(sizes)
+    model = _model(model_name)
+    params, loss = local_train_stacked(model, stack_parameters(model, len(sizes)), data, st,
+                                       generators=_gens(len(sizes)))
+    for i, ((x, y), gen) in enumerate(zip(data, _gens(len(sizes)), strict=True)):
+        ref = _model(model_name)
+        start = {k: v.detach().clone() for k, v in ref.named_parameters()}
+        out = local_train(ref, x, y, st, device=CPU, generator=gen)
+        for k, v in ref.named_parameters():
+            step = (v.detach() - start[k]).norm()
+            # measured: 4e-8 absolute (SGD), 4e-5 (Adam on the CNN, which amplifies ulps)
+            assert float((params[k][i] - v.detach()).norm()) <= 1e-4 * float(step) + 1e-6, (i, k)
+        assert float(loss[i]) == pytest.approx(out["train-loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("n", [16, 13, 1])
+def test_one_client_is_bit_identical_to_local_train(setting: str, n: int) -> None:
+    """K = 1 (no padding) runs the same float operations as ``local_train`` on the CPU."""
+    st = SETTINGS[setting]
+    ((x, y),) = _data([n])
+    model = _model("mlp")
+    params, _ = local_train_stacked(model, stack_parameters(model, 1), [(x, y)], st,
+                                    generators=_gens(1))
+    ref = _model("mlp")
+    local_train(ref, x, y, st, device=CPU, generator=_gens(1)[0])
+    for k, v in ref.named_parameters():
+        assert torch.equal(params[k][0], v.detach()), k
+
+
+def test_a_client_trains_the_same_whoever_shares_its_batch() -> None:
+    st = SETTINGS["sgd-momentum-wd"]
+    data = _data([30, 3, 11])
+    model = _model("mlp")
+    together, _ = local_train_stacked(model, stack_parameters(model, 3), data, st,
+                                      generators=_gens(3))
+    alone, _ = local_train_stacked(model, stack_parameters(model, 1), data[1:2], st,
+                                   generators=_gens(2)[1:])
+    for k in together:
+        torch.testing.assert_close(together[k][1], alone[k][0], rtol=1e-5, atol=1e-7)
+
+
+def test_different_starting_parameters_per_client_are_kept_apart() -> None:
+    model = _model("logreg")
+    params = stack_parameters(model, 2)
+    params = {k: v.clone() for k, v in params.items()}
+    params["1.bias"][1] += 1.0  # client 1 starts elsewhere
+    before = {k: v.clone() for k, v in params.items()}
+    st = TrainSettings(epochs=1, batch_size=4, lr=0.1)
+    data = _data([8, 8])
+    out, _ = local_train_stacked(model, params, data, st, generators=_gens(2))
+    ref = _model("logreg")
+    bias = ref.get_parameter("1.bias")
+    with torch.no_grad():
+        bias.add_(1.0)
+    local_train(ref, *data[1], st, device=CPU, generator=_gens(2)[1])
+    torch.testing.assert_close(out["1.bias"][1], bias.detach(), rtol=1e-5, atol=1e-7)
+    assert all(torch.equal(params[k], before[k]) for k in params)  # inputs untouched
+
+
+def test_client_batches_draws_what_local_train_draws() -> None:
+    st = TrainSettings(epochs=3, batch_size=4)
+    ((x, y),) = _data([10])
+    g_ref, g = _gens(1)[0], _gens(1)[0]
+    local_train(_model("logreg"), x, y, st, device=CPU, generator=g_ref)
+    out = client_batches(10, st, generator=g)
+    assert [len(b) for b in out] == [4, 4, 2] * 3
+    for e in range(3):  # each epoch is a permutation of the client's rows
+        assert sorted(torch.cat(out[3 * e: 3 * e + 3]).tolist()) == list(range(10))
+    assert torch.equal(g.get_state(), g_ref.get_state())  # the generator ends where it did
+
+
+def test_schedule_steps_a_prefix_and_weighs_only_real_rows() -> None:
+    st = TrainSettings(epochs=2, batch_size=4)
+    sizes = [3, 9, 5]
+    plan = make_schedule(sizes, st, _gens(3))
+    assert plan.order.tolist() == [1, 2, 0]  # 6, 4 and 2 steps
+    assert [r.shape[0] for r in plan.rows] == [3, 3, 2, 2, 1, 1]
+    offsets = {0: (0, 3), 1: (3, 12), 2: (12, 17)}
+    seen: dict[int, list[int]] = {k: [] for k in range(3)}
+    for rows, w, counts in zip(plan.rows, plan.weights, plan.counts, strict=True):
+        torch.testing.assert_close(w.sum(1), torch.ones(rows.shape[0]))
+        assert torch.equal((w > 0).sum(1).double(), counts)
+        for j, k in enumerate(plan.order[: rows.shape[0]].tolist()):
+            real = rows[j][w[j] > 0]
+            lo, hi = offsets[k]
+            assert bool(((real >= lo) & (real < hi)).all())
+            seen[k] += real.tolist()
+    for k, (lo, hi) in offsets.items():  # every row twice (two epochs), no fake rows
+        assert sorted(seen[k]) == sorted(list(range(lo, hi)) * 2)
+    assert [t.tolist() for t in plan.last_epoch] == [
+        [False, False, False], [False, False, True], [False, True], [True, True], [True],
+        [True]]
+
+
+def test_unsupported_features_are_named() -> None:
+    assert unsupported_features(_model("mlp")) == []
+    assert unsupported_features(build_model("mlp", SHAPE, 10, dropout=0.1)) == ["dropout"]
+    assert unsupported_features(nn.Sequential(nn.Flatten(), nn.BatchNorm1d(64))) == ["buffers"]
+
+
+def test_bad_inputs_are_refused() -> None:
+    model = _model("logreg")
+    st = TrainSettings()
+    with pytest.raises(ValueError, match="expected"):
+        local_train_stacked(model, stack_parameters(model, 2), _data([3]), st,
+                            generators=_gens(1))
+    with pytest.raises(ValueError, match="empty partition"):
+        local_train_stacked(model, stack_parameters(model, 1),
+                            [(torch.zeros(0, *SHAPE), torch.zeros(0, dtype=torch.int64))], st,
+                            generators=_gens(1))
+    with pytest.raises(ValueError, match="rows but y has"):
+        local_train_stacked(model, stack_parameters(model, 1),
+                            [(torch.zeros(3, *SHAPE), torch.zeros(2, dtype=torch.int64))], st,
+                            generators=_gens(1))
+    with pytest.raises(ValueError, match="k >= 1"):
+        stack_parameters(model, 0)
+
+
+def test_pgd_adversarial_training_matches_local_train_with_the_pgd_loss() -> None:
+    from client.adversarial import pgd_adversarial_loss
+    from client.functional import pgd_perturb
+
+    st = SETTINGS["sgd-momentum-wd"]
+    sizes = [12, 5, 9]
+    data = _data(sizes)
+    pgd_gens = [torch.Generator().manual_seed(7 + i) for i in range(3)]
+    model = _model("mlp")
+    params, _ = local_train_stacked(model, stack_parameters(model, 3), data, st,
+                                    generators=_gens(3),
+                                    perturb=pgd_perturb(0.1, 0.03, 3, pgd_gens))
+    for i, ((x, y), gen) in enumerate(zip(data, _gens(3), strict=True)):
+        g = torch.Generator().manual_seed(7 + i)
+        ref = _model("mlp")
+
+        def loss(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor,
+                 g: torch.Generator = g) -> torch.Tensor:
+            return pgd_adversarial_loss(m, xb, yb, eps=0.1, alpha=0.03, steps=3, generator=g)
+
+        local_train(ref, x, y, st, device=CPU, generator=gen, loss_fn=loss)
+        for k, v in ref.named_parameters():
+            torch.testing.assert_close(params[k][i], v.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_pgd_perturb_refuses_inputs_outside_the_box() -> None:
+    from client.functional import pgd_perturb
+
+    model = _model("logreg")
+    x, y = torch.full((4, *SHAPE), 2.0), torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="outside the clamp box"):
+        local_train_stacked(model, stack_parameters(model, 1), [(x, y)], TrainSettings(),
+                            generators=_gens(1), perturb=pgd_perturb(0.1, 0.03, 2, _gens(1)))
