@@ -27,7 +27,8 @@ def _identity_members(updates: Tensor) -> Tensor:
 
 
 @register_pre("norm_clip", params={"max_norm": real(0.0, strict=True)}, equivariances=frozenset(),
-              preserves=frozenset({"permutation_invariant"}), dp_compatible=True)
+              preserves=frozenset({"permutation_invariant"}), dp_compatible=True,
+              rowwise=True)  # row i stays client i's update, so histories keyed by client hold
 def norm_clip(updates: Tensor, weights: Tensor | None = None, *,
               max_norm: float) -> PreAggResult:
     r"""Clip every update to Euclidean norm at most ``max_norm`` [Abadi et al., 2016].

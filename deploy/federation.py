@@ -177,8 +177,8 @@ class Federation:
         SuperLink restart). ``False`` keeps it in memory: Flower 1.41's SQLite state
         answers concurrent uploads with HTTP 500 ("database is locked", a 5 s busy
         timeout, no retry) once about ten SuperNodes upload at once, and the lost replies
-        leave the round waiting for ``round-timeout``; with the state in memory the same 20
-        nodes all get through. A restarted in-memory SuperLink starts empty (its nodes
+        leave the round waiting for ``round-timeout``; with the state in memory the load
+        test's rounds kept all 20 nodes (README, fault table). A restarted in-memory SuperLink starts empty (its nodes
         register and activate again).
 
     Raises

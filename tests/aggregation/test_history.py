@@ -383,3 +383,14 @@ def test_first_state_is_what_a_missing_state_means(name: str) -> None:
     assert isinstance(a.state, dict) and isinstance(b.state, dict)
     assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
     assert isinstance(first, dict) and all(isinstance(v, Tensor) for v in first.values())
+
+
+def test_a_history_rule_runs_after_norm_clip_which_keeps_one_row_per_client() -> None:
+    rule = aggregation.compose(aggregation.get("foolsgold"),
+                               [aggregation.get_pre("norm_clip", max_norm=1.0)])
+    x = torch.randn(5, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    state = rule.init_state(20, dtype=torch.float64, device="cpu")
+    res = rule(x, state=state, clients=torch.arange(5))
+    assert res.kept.tolist() == [0, 1, 2, 3, 4]  # five distinct honest directions
+    with pytest.raises(ValueError, match="keys its history by client"):
+        aggregation.compose(aggregation.get("foolsgold"), [aggregation.get_pre("bucketing", s=2)])
