@@ -5,52 +5,22 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.server import test_flwr_run
+
 pytestmark = [pytest.mark.flower, pytest.mark.slow, pytest.mark.long]
+
+# the temporary FLWR_HOME, and the cleanup of what `flwr run` leaves running
+flwr_home = test_flwr_run.flwr_home
 
 ROOT = Path(__file__).resolve().parents[2]
 # Not Flower's default local ports (39091, 39093), which tests/server/test_flwr_run.py uses
 PORTS = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39191", "FLWR_LOCAL_CONTROL_API_PORT": "39193"}
-
-
-def _pids_with_env(marker: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker.encode() in (entry / "environ").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
-
-
-@pytest.fixture
-def flwr_home(tmp_path: Path) -> Iterator[Path]:
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    yield home
-    # `flwr run` leaves a detached SuperLink (and Ray) running: stop what it started
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _pids_with_env(f"FLWR_HOME={home}")
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        if not pids:
-            break
-        time.sleep(2)
-    assert not _pids_with_env(f"FLWR_HOME={home}"), "processes left behind"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="cleanup reads /proc")
