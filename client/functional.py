@@ -188,6 +188,21 @@ def client_batches(n: int, settings: TrainSettings, *, generator: torch.Generato
     return out
 
 
+def _client_rows(n: int, offset: int, settings: TrainSettings,
+                 generator: torch.Generator) -> list[list[int]]:
+    """:func:`client_batches` shifted by ``offset``, as lists: the same draws, the same
+    rows, without a tensor per batch (a thousand clients' schedules in a round)."""
+    if n < 1:
+        raise ValueError("cannot train on an empty partition: give this client some data")
+    torch.randint(0, 2**62, (1,), generator=generator)  # local_train's dropout seed
+    out: list[list[int]] = []
+    bs = settings.batch_size
+    for _ in range(settings.epochs):
+        perm = torch.randperm(n, generator=generator).add_(offset).tolist()
+        out.extend(perm[i:i + bs] for i in range(0, n, bs))
+    return out
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Which rows of the concatenated data every client trains on at every step.
@@ -233,7 +248,7 @@ def make_schedule(
     for n in sizes[:-1]:
         offsets.append(offsets[-1] + n)
     # plain lists: K clients x a few rows each is cheaper in Python than as small tensors
-    plans = [[(b + off).tolist() for b in client_batches(n, settings, generator=g)]
+    plans = [_client_rows(n, off, settings, g)
              for n, g, off in zip(sizes, generators, offsets, strict=True)]
     per_epoch = [math.ceil(n / settings.batch_size) for n in sizes]
     order = sorted(range(len(sizes)), key=lambda k: -len(plans[k]))  # stable

@@ -52,7 +52,11 @@ def run_server(
         Called with each metrics row (progress bars, tests).
     """
     cfg = run_config if isinstance(run_config, RunConfig) else RunConfig.from_flat(run_config)
-    return run_federation(GridTransport(grid), cfg, components=components, on_round=on_round)
+    # a grid that can answer without Flower messages (the in-process engine's batched
+    # mode) brings its own transport; any other grid is reached through its messages
+    make_transport = getattr(grid, "make_transport", None)
+    transport = make_transport() if callable(make_transport) else GridTransport(grid)
+    return run_federation(transport, cfg, components=components, on_round=on_round)
 
 
 def default_out_dir(run_id: int) -> Path:

@@ -46,6 +46,8 @@ def safe_text(text: str, limit: int = MAX_TEXT) -> str:
     >>> safe_text("x" * 8, limit=5)
     'xxxxx... [cut, 8 characters in all]'
     """
+    if len(text) <= limit and text.isprintable():  # the common case, one C-level pass
+        return text
     head = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:limit])
     if len(text) <= limit and len(head) <= limit:
         return head

@@ -15,7 +15,7 @@ from flwr.serverapp import Grid
 
 from .rounds import Payload, Reply
 
-__all__ = ["GridTransport"]
+__all__ = ["GridTransport", "encode_payload"]
 
 
 class GridTransport:
@@ -41,7 +41,7 @@ class GridTransport:
         for node_id, payload in payloads.items():
             content = records.get(id(payload))
             if content is None:
-                content = records[id(payload)] = _encode(payload)
+                content = records[id(payload)] = encode_payload(payload)
             messages.append(Message(content=content, message_type=message_type,
                                     dst_node_id=node_id))
         # the grid writes each message's id in place when it sends it
@@ -50,7 +50,8 @@ class GridTransport:
         return [_decode(m, sent_to) for m in replies]
 
 
-def _encode(payload: Payload) -> RecordDict:
+def encode_payload(payload: Payload) -> RecordDict:
+    """A payload as the content of a Flower message (one record per named map)."""
     out: dict[str, ArrayRecord | ConfigRecord] = {
         name: ArrayRecord(dict(arrays)) for name, arrays in payload.arrays.items()
     }

@@ -1,8 +1,9 @@
 """The batched engine mode: all of a round's sampled clients trained as one computation.
 
-With ``engine = "batched"`` the in-process grid (:class:`simulations.engine.InProcessGrid`)
-hands a round's train messages to :func:`train_batched` instead of calling the ClientApp
-once per node. Each client is prepared exactly as ``client.app.handle_train`` prepares it
+With ``engine = "batched"`` the in-process engine's transport
+(:class:`simulations.engine.InProcessTransport`) hands a round's train payloads to
+:func:`train_batched` instead of sending one message to the ClientApp per node, and
+passes the trained tensors back as the replies (no Flower message either way). Each client is prepared exactly as ``client.app.handle_train`` prepares it
 (its data, its role, data poisoning with the same generator, its batch-order generator),
 then all clients train together from stacked parameters (with PGD adversarial
 training, its inner maximisation batched too, :func:`client.functional.pgd_perturb`)

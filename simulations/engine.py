@@ -15,13 +15,15 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
 from runconfig.config import RunConfig, Scalar
+from server.rounds import Payload, Reply
+from server.transport import GridTransport, encode_payload
 
-__all__ = ["InProcessGrid", "check_names", "run_in_process", "validate"]
+__all__ = ["InProcessGrid", "InProcessTransport", "check_names", "run_in_process", "validate"]
 
 
 # A fault model for tests: fault(partition_id, message) -> True drops the message (a lost
@@ -58,10 +60,12 @@ class InProcessGrid(Grid):
     fault
         Optional fault model: ``fault(partition_id, message) -> True`` drops the message.
     batched
-        Answer a round's train messages from one batched computation
+        Answer a round's train payloads from one batched computation
         (:mod:`simulations.batched`, ``engine = "batched"``) instead of one ClientApp call
         per node; ``client_app`` must then be fedshield's (``client.app.app``), whose replies
-        the batched ones reproduce.
+        the batched ones reproduce. The batching is done by the grid's transport
+        (:meth:`make_transport`, which :func:`server.app.run_server` uses), on tensors:
+        the grid's own ``send_and_receive`` always calls the ClientApp.
     """
 
     # one ClientApp call after another: a round's exchange holds the sum of the
@@ -135,17 +139,12 @@ class InProcessGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        ids = list(message_ids)
-        answered = self._train_batched(ids) if self.batched else {}
         replies = []
-        for mid in ids:
-            if mid in answered:
-                reply = answered[mid]
-            else:
-                msg = self._inbox.pop(mid, None)
-                if msg is None:
-                    continue
-                reply = self._deliver(msg)
+        for mid in message_ids:
+            msg = self._inbox.pop(mid, None)
+            if msg is None:
+                continue
+            reply = self._deliver(msg)
             if reply is not None:
                 replies.append(reply)
         return replies
@@ -155,57 +154,11 @@ class InProcessGrid(Grid):
     ) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
 
+    def make_transport(self) -> InProcessTransport:
+        """The transport :func:`server.app.run_server` uses for this grid."""
+        return InProcessTransport(self)
+
     # ---------------------------------------------------------------------------------
-    def _train_batched(self, ids: Sequence[str]) -> dict[str, Message | None]:
-        """Answer the train messages among ``ids`` from one batched computation.
-
-        Returns the replies by message id (``None``: dropped by the fault model); the
-        messages it does not answer (other types, features that are not batched) stay in
-        the inbox for the ClientApp.
-        """
-        from .batched import TrainJob, train_batched
-
-        out: dict[str, Message | None] = {}
-        jobs: list[tuple[str, TrainJob]] = []
-        states: dict[int, dict[str, Any]] = {}  # one decoded global model per content
-        t0 = time.perf_counter()
-        for mid in ids:
-            msg = self._inbox.get(mid)
-            if msg is None or msg.metadata.message_type != MessageType.TRAIN:
-                continue
-            ctx = self.contexts[msg.metadata.dst_node_id]
-            try:
-                if self.fault is not None and self.fault(
-                        int(ctx.node_config["partition-id"]), msg):
-                    out[mid] = None
-                    continue
-                if id(msg.content) not in states:
-                    states[id(msg.content)] = msg.content["arrays"].to_torch_state_dict()
-                jobs.append((mid, TrainJob(ctx.run_config, ctx.node_config,
-                                           states[id(msg.content)],
-                                           int(msg.content["config"]["server-round"]))))
-            except Exception as exc:
-                out[mid] = Message(Error(code=500, reason=f"{type(exc).__name__}: {exc}"),
-                                   reply_to=msg)
-        for (mid, _), res in zip(jobs, train_batched([j for _, j in jobs]), strict=True):
-            if res is None:  # not batched: the ClientApp answers it
-                continue
-            msg = self._inbox[mid]
-            if isinstance(res, Exception):
-                out[mid] = Message(Error(code=500, reason=f"{type(res).__name__}: {res}"),
-                                   reply_to=msg)
-            else:
-                content = RecordDict({"arrays": ArrayRecord(res.state),
-                                      "metrics": MetricRecord(res.metrics)})
-                out[mid] = Message(content=content, reply_to=msg)
-        for mid, reply in out.items():
-            del self._inbox[mid]
-            if reply is not None:
-                reply.metadata.__dict__["_message_id"] = f"r{next(self._counter)}"
-        if out:  # the round's time, shared by the messages answered together
-            self.call_seconds.extend([(time.perf_counter() - t0) / len(out)] * len(out))
-        return out
-
     def _deliver(self, msg: Message) -> Message | None:
         ctx = self.contexts[msg.metadata.dst_node_id]
         pid = int(ctx.node_config["partition-id"])
@@ -225,6 +178,88 @@ class InProcessGrid(Grid):
             self.call_seconds.append(time.perf_counter() - t0)
         reply.metadata.__dict__["_message_id"] = f"r{next(self._counter)}"
         return reply
+
+
+class InProcessTransport(GridTransport):
+    """The in-process grid's :class:`~server.stages.Transport`.
+
+    With ``batched`` off it is :class:`server.transport.GridTransport`: every payload is a
+    Flower message to the ClientApp. With ``batched`` on, a round's train payloads are
+    answered by :func:`simulations.batched.train_batched` from the payload's tensors, and
+    the replies carry the trained tensors: no ``ArrayRecord`` is written or read, which at
+    a thousand clients costs more than their training. The replies are those the
+    ClientApp's messages would decode to (same arrays, metrics and error text), in the
+    order of the payloads; payloads the batched training does not cover (other message
+    types, features that are not batched) go to the ClientApp as messages.
+
+    The fault model sees each train payload as the message it would have been (built only
+    when a fault model is set).
+    """
+
+    grid: InProcessGrid
+
+    def __init__(self, grid: InProcessGrid) -> None:
+        super().__init__(grid)
+        # the fault model's view of the last payload: (payload, its encoded content)
+        self._encoded: tuple[Payload, RecordDict] | None = None
+
+    def send(
+        self, message_type: str, payloads: Mapping[int, Payload], *, timeout: float
+    ) -> list[Reply]:
+        if not self.grid.batched or message_type != MessageType.TRAIN:
+            return super().send(message_type, payloads, timeout=timeout)
+        from .batched import TrainJob, train_batched
+
+        grid = self.grid
+        t0 = time.perf_counter()
+        answered: dict[int, Reply | None] = {}  # None: dropped by the fault model
+        jobs: list[tuple[int, TrainJob]] = []
+        for node, payload in payloads.items():
+            ctx = grid.contexts.get(node)
+            if ctx is None:
+                raise ValueError(f"message to unknown node {node}")
+            try:
+                if grid.fault is not None and grid.fault(
+                        int(ctx.node_config["partition-id"]),
+                        self._as_message(message_type, node, payload)):
+                    answered[node] = None
+                    continue
+                arrays = payload.arrays["arrays"]
+                server_round = int(payload.configs["config"]["server-round"])
+            except Exception as exc:  # what the ClientApp's error reply would say
+                answered[node] = Reply(node, error=_client_error(exc))
+                continue
+            jobs.append((node, TrainJob(ctx.run_config, ctx.node_config, arrays, server_round)))
+        for (node, _), res in zip(jobs, train_batched([j for _, j in jobs]), strict=True):
+            if res is None:  # not batched: the ClientApp answers it
+                continue
+            if isinstance(res, Exception):
+                answered[node] = Reply(node, error=_client_error(res))
+            else:
+                answered[node] = Reply(node, arrays={"arrays": res.state},
+                                       metrics={"metrics": dict(res.metrics)})
+        if answered:  # the round's time, shared by the payloads answered together
+            grid.call_seconds.extend(
+                [(time.perf_counter() - t0) / len(answered)] * len(answered))
+        rest = {n: p for n, p in payloads.items() if n not in answered}
+        by_node = {r.node_id: r for r in super().send(message_type, rest, timeout=timeout)} \
+            if rest else {}
+        out = []
+        for node in payloads:
+            reply = answered[node] if node in answered else by_node.get(node)
+            if reply is not None:
+                out.append(reply)
+        return out
+
+    def _as_message(self, message_type: str, node: int, payload: Payload) -> Message:
+        if self._encoded is None or self._encoded[0] is not payload:  # once per payload
+            self._encoded = (payload, encode_payload(payload))
+        return Message(content=self._encoded[1], message_type=message_type, dst_node_id=node)
+
+
+def _client_error(exc: BaseException) -> str:
+    """The error text of the reply a ClientApp that raised ``exc`` sends, as decoded."""
+    return f"client error 500: {type(exc).__name__}: {exc}"
 
 
 def check_names(cfg: RunConfig) -> None:

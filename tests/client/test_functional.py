@@ -123,6 +123,21 @@ def test_client_batches_draws_what_local_train_draws() -> None:
     assert torch.equal(g.get_state(), g_ref.get_state())  # the generator ends where it did
 
 
+def test_the_schedule_uses_the_batches_client_batches_draws() -> None:
+    """make_schedule draws its rows as lists (faster); they are client_batches' rows."""
+    st = TrainSettings(epochs=2, batch_size=4)
+    sizes = [3, 9, 5]
+    plan = make_schedule(sizes, st, _gens(3))
+    offsets = [0, 3, 12]
+    want = {k: [(b + offsets[k]).tolist() for b in client_batches(n, st, generator=g)]
+            for k, (n, g) in enumerate(zip(sizes, _gens(3), strict=True))}
+    got: dict[int, list[list[int]]] = {k: [] for k in range(3)}
+    for rows, w in zip(plan.rows, plan.weights, strict=True):
+        for j, k in enumerate(plan.order[: rows.shape[0]].tolist()):
+            got[k].append(rows[j][w[j] > 0].tolist())
+    assert got == want
+
+
 def test_schedule_steps_a_prefix_and_weighs_only_real_rows() -> None:
     st = TrainSettings(epochs=2, batch_size=4)
     sizes = [3, 9, 5]

@@ -132,6 +132,26 @@ def test_stack_equals_reference_bit_for_bit(n: int, seed: int) -> None:
         assert bool(updates.abs().sum() > 0)
 
 
+@pytest.mark.parametrize("block", [1, 7, 64, 1 << 20])
+def test_stack_is_the_same_for_any_block_size(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small entries are stacked a block of replies at a time, large ones row by row: the
+    block size (1: every entry row by row; 7: some of each, partial last blocks) changes
+    no bit."""
+    import server.rounds
+
+    gen = torch.Generator().manual_seed(4)
+    state = _global(gen)
+    spec = ModelSpec.from_state(state)
+    g = spec.flatten(state)
+    accepted = [_reply(i, state, gen) for i in range(9)]
+    if block == 7:  # both paths and partial blocks are taken
+        assert min(spec.sizes) <= 3 and max(spec.sizes) > 3
+    monkeypatch.setattr(server.rounds, "_STACK_BLOCK", block)
+    updates, _ = stack_updates(accepted, g, spec)
+    ref, _ = _reference_stack(accepted, g, spec)
+    assert torch.equal(updates, ref)
+
+
 def test_stack_from_float32_global_promotes_like_before() -> None:
     gen = torch.Generator().manual_seed(3)
     state = _global(gen)

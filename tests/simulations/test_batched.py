@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Message
 
 from client.app import app as client_app
 from runconfig.config import check_engine
+from server.rounds import Payload, Reply
 from simulations.config import resolve_config
 from simulations.engine import ENGINE_KEYS, InProcessGrid, run_in_process, validate
 from simulations.task import build_task
@@ -29,28 +30,30 @@ def _config(*overrides: str) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in ENGINE_KEYS}
 
 
-def _round(cfg: dict[str, Any], *, batched: bool, server_round: int = 2) -> list[Message]:
-    """One round's train replies from all N nodes, in node order."""
+def _payload(state: dict[str, torch.Tensor], server_round: int) -> Payload:
+    return Payload(arrays={"arrays": state}, configs={"config": {"server-round": server_round}})
+
+
+def _round(cfg: dict[str, Any], *, batched: bool, server_round: int = 2) -> list[Reply]:
+    """One round's train replies from all N nodes, in node order, through the transport
+    ``run_server`` uses (batched: on tensors; per-client: Flower messages to the ClientApp)."""
     validate(cfg, N)
     model = build_task(cfg).build_model()
     grid = InProcessGrid(client_app, cfg, N, batched=batched)
-    content = RecordDict({
-        "arrays": ArrayRecord({k: v.detach() for k, v in model.state_dict().items()}),
-        "config": ConfigRecord({"server-round": server_round}),
-    })
-    msgs = [grid.create_message(content, "train", nid, "") for nid in grid.node_ids]
-    replies = list(grid.send_and_receive(msgs))
-    by_node = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
-    return sorted(replies, key=lambda r: by_node[r.metadata.reply_to_message_id])
+    payload = _payload({k: v.detach() for k, v in model.state_dict().items()}, server_round)
+    replies = grid.make_transport().send("train", dict.fromkeys(grid.node_ids, payload),
+                                         timeout=60.0)
+    assert [r.node_id for r in replies] == grid.node_ids  # in the payloads' order
+    return replies
 
 
-def _updates(replies: list[Message], cfg: dict[str, Any]) -> torch.Tensor:
+def _updates(replies: list[Reply], cfg: dict[str, Any]) -> torch.Tensor:
     model = build_task(cfg).build_model()
     g = torch.cat([v.reshape(-1) for v in model.state_dict().values()])
     rows = []
     for r in replies:
-        assert not r.has_error(), r.error
-        state = r.content["arrays"].to_torch_state_dict()
+        assert r.error is None, r.error
+        state = r.arrays["arrays"]
         rows.append(torch.cat([v.reshape(-1) for v in state.values()]) - g)
     return torch.stack(rows)  # (n, d)
 
@@ -92,9 +95,13 @@ def test_batched_replies_equal_the_client_apps(feature: str) -> None:
     # alpha step on that pixel)
     assert float(err.max()) < (1e-2 if feature.startswith("adversarial") else 1e-4), err
     for p, b in zip(per_client, batched, strict=True):
-        mp, mb = dict(p.content["metrics"]), dict(b.content["metrics"])
+        mp, mb = dict(p.metrics["metrics"]), dict(b.metrics["metrics"])
         assert mp.keys() == mb.keys()
-        assert p.content.keys() == b.content.keys() == {"arrays", "metrics"}
+        assert p.arrays.keys() == b.arrays.keys() == {"arrays"}
+        assert p.metrics.keys() == b.metrics.keys() == {"metrics"}
+        assert p.configs == b.configs == {}
+        assert {k: (v.dtype, v.shape) for k, v in p.arrays["arrays"].items()} == \
+            {k: (v.dtype, v.shape) for k, v in b.arrays["arrays"].items()}
         for k in ("num-examples", "partition-id", "num-partitions"):
             assert mp[k] == mb[k], k
         assert mb["train-loss"] == pytest.approx(mp["train-loss"], rel=1e-4)
@@ -144,30 +151,73 @@ def test_what_is_not_batched_goes_to_the_client_app_and_is_logged(
 
 def test_a_client_that_cannot_train_gets_the_client_apps_error() -> None:
     cfg = _config()
+    replies = {}
+    for batched in (False, True):
+        grid = InProcessGrid(client_app, cfg, N, batched=batched)
+        replies[batched] = grid.make_transport().send(
+            "train", dict.fromkeys(grid.node_ids, _payload({"not-a-weight": torch.zeros(3)}, 1)),
+            timeout=60.0)
+    assert len(replies[True]) == N
+    assert all(r.error is not None and "RuntimeError" in r.error for r in replies[True])
+    # the same text as the ClientApp's error reply, as the server decodes it
+    assert [r.error for r in replies[True]] == [r.error for r in replies[False]]
+
+
+def test_a_payload_without_the_round_gets_an_error_reply_not_an_exception() -> None:
+    cfg = _config()
     grid = InProcessGrid(client_app, cfg, N, batched=True)
-    content = RecordDict({
-        "arrays": ArrayRecord({"not-a-weight": torch.zeros(3)}),
-        "config": ConfigRecord({"server-round": 1}),
-    })
-    replies = list(grid.send_and_receive(
-        [grid.create_message(content, "train", nid, "") for nid in grid.node_ids]))
-    assert len(replies) == N
-    assert all(r.has_error() and "RuntimeError" in r.error.reason for r in replies)
+    model = build_task(cfg).build_model()
+    bad = Payload(arrays={"arrays": dict(model.state_dict())}, configs={"config": {}})
+    replies = grid.make_transport().send("train", dict.fromkeys(grid.node_ids, bad),
+                                         timeout=60.0)
+    assert [r.node_id for r in replies] == grid.node_ids
+    assert all(r.error is not None and "server-round" in r.error for r in replies)
 
 
 def test_faults_drop_messages_in_batched_mode_too() -> None:
     cfg = _config()
     validate(cfg, N)
     model = build_task(cfg).build_model()
-    grid = InProcessGrid(client_app, cfg, N, batched=True, fault=lambda pid, m: pid < 2)
-    content = RecordDict({
-        "arrays": ArrayRecord({k: v.detach() for k, v in model.state_dict().items()}),
-        "config": ConfigRecord({"server-round": 1}),
-    })
-    replies = list(grid.send_and_receive(
-        [grid.create_message(content, "train", nid, "") for nid in grid.node_ids]))
-    assert sorted(int(r.content["metrics"]["partition-id"]) for r in replies) == [2, 3, 4, 5]
+    seen: list[str] = []
+
+    def fault(pid: int, msg: Message) -> bool:
+        seen.append(msg.metadata.message_type)
+        assert int(msg.content["config"]["server-round"]) == 1  # it sees the message
+        return pid < 2
+
+    grid = InProcessGrid(client_app, cfg, N, batched=True, fault=fault)
+    replies = grid.make_transport().send(
+        "train", dict.fromkeys(grid.node_ids, _payload(dict(model.state_dict()), 1)),
+        timeout=60.0)
+    assert sorted(int(r.metrics["metrics"]["partition-id"]) for r in replies) == [2, 3, 4, 5]
+    assert seen == ["train"] * N
     assert not grid._inbox
+
+
+def test_the_batched_transport_writes_no_flower_message(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The point of the transport: a batched round encodes no ArrayRecord (the per-client
+    engine, for contrast, encodes one per payload and one per reply)."""
+    import flwr.app
+
+    cfg = _config()
+    validate(cfg, N)
+    state = dict(build_task(cfg).build_model().state_dict())
+    made: list[int] = []
+    real = flwr.app.ArrayRecord.__init__
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> None:
+        made.append(1)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(flwr.app.ArrayRecord, "__init__", counting)
+    for batched in (True, False):
+        made.clear()
+        grid = InProcessGrid(client_app, cfg, N, batched=batched)
+        replies = grid.make_transport().send(
+            "train", dict.fromkeys(grid.node_ids, _payload(state, 1)), timeout=60.0)
+        assert len(replies) == N and all(r.error is None for r in replies)
+        assert (len(made) == 0) if batched else (len(made) >= N + 1), (batched, len(made))
 
 
 def test_whole_run_batched_gives_the_per_client_accuracy() -> None:
