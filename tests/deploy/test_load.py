@@ -274,7 +274,11 @@ def test_memory_and_round_times_are_measured(load_run: LoadRun) -> None:
     assert set(load_run.round_peaks) == set(range(NUM_ROUNDS + 1))
     for rnd, (own, tree) in load_run.round_peaks.items():
         assert 0 < own <= tree, f"round {rnd}: no RSS sample of the SuperLink"
-    assert 0 < load_run.superlink_peak <= load_run.superlink_hwm
+    # Both are positive; neither bounds the other: the kernel updates VmHWM only when RSS
+    # is about to fall through an unmap, so pages reclaimed in the background (DAMON on
+    # the development box) lower RSS without raising VmHWM, and a sample can exceed it
+    # (measured: sampled 174.2 MiB, VmHWM 174.0 MiB). The README gives the larger.
+    assert load_run.superlink_peak > 0 and load_run.superlink_hwm > 0
     for row in load_run.metrics[1:]:
         # a round whose reply was lost ends at round-timeout, plus evaluation and logging
         assert 0.0 < row["round-seconds"] < ROUND_TIMEOUT + 120.0
