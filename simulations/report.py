@@ -448,7 +448,8 @@ def summary_markdown(summary: Sequence[Mapping[str, Any]], *, title: str = "") -
     Each table cell is the final accuracy, mean ± sample std over seeds; the best mean
     of each attack column is bold; the last column is the defense's worst case over the
     attacks (``none`` excluded). Panels with backdoor attacks get a second table of the
-    attack success rate (lower is better). Failed cells are listed at the end.
+    attack success rate (lower is better), panels whose defenses report whom they removed
+    a third of detection precision / recall. Failed cells are listed at the end.
 
     Parameters
     ----------
@@ -483,6 +484,7 @@ def summary_markdown(summary: Sequence[Mapping[str, Any]], *, title: str = "") -
         if backdoored:
             lines += ["", "Attack success rate of the backdoor (lower is better):", ""]
             lines += _table(defenses, backdoored, cells, "asr", None, panel, higher_is_better=False)
+        lines += _detection_table(defenses, attacks, cells)
     failed = [r for r in summary if r["status"] == "failed"]
     pending = [r for r in summary if r["status"] == "pending"]
     if failed:
@@ -494,6 +496,35 @@ def summary_markdown(summary: Sequence[Mapping[str, Any]], *, title: str = "") -
     if pending:
         lines += ["", f"{len(pending)} cell(s) not run yet: rerun the bench to finish them."]
     return "\n".join(lines) + "\n"
+
+
+def _detection_table(
+    defenses: Sequence[str], attacks: Sequence[str],
+    cells: Mapping[tuple[str, str], Aggregate],
+) -> list[str]:
+    """Detection precision / recall of the defenses that report whom they removed, per
+    attack (the attack-free column left out: with no attacker there is nothing to find);
+    ``[]`` when no cell of the panel reports it."""
+    attacked = [at for at in attacks if at != NO_ATTACK]
+
+    def text(d: str, at: str) -> str | None:
+        a = cells.get((d, at))
+        if a is None or "detection_precision" not in a.extra:
+            return None
+        return (f"{a.extra['detection_precision']:.2f} / "
+                f"{a.extra.get('detection_recall', math.nan):.2f}")
+
+    rows = [(d, [text(d, at) for at in attacked]) for d in defenses]
+    rows = [(d, vals) for d, vals in rows if any(v is not None for v in vals)]
+    if not rows or not attacked:
+        return []
+    lines = ["", "Detection precision / recall (mean over rounds; precision: the share of "
+             "removed clients that were malicious, recall: the share of malicious clients "
+             "removed), for the defenses that report whom they removed:", ""]
+    lines += ["| defense | " + " | ".join(attacked) + " |", "|" + "---|" * (len(attacked) + 1)]
+    for d, vals in rows:
+        lines.append("| " + " | ".join([d, *(v if v is not None else "–" for v in vals)]) + " |")
+    return lines
 
 
 def _table(

@@ -207,6 +207,26 @@ def test_markdown_lists_failures_pending_and_backdoor_asr() -> None:
     assert "1 cell(s) not run yet" in md
 
 
+def test_markdown_has_a_detection_table_for_defenses_that_report_it() -> None:
+    det = {"detection-precision": 0.75, "detection-recall": 0.5}
+    recs = [
+        rec("mean", "none", 0, 0.9),
+        rec("flame", "none", 0, 0.9, **det),
+        rec("mean", "alie", 0, 0.4),
+        rec("flame", "alie", 0, 0.8, **det),
+        rec("flame", "ipm", 0, 0.8, **{"detection-precision": 1.0, "detection-recall": 0.25}),
+        rec("mean", "ipm", 0, 0.3),
+    ]
+    md = summary_markdown(summary_rows(recs))
+    head = next(ln for ln in md.splitlines() if ln.startswith("Detection precision / recall"))
+    table = _table(md, head)
+    assert table[0] == ["defense", "alie", "ipm"]  # no attack-free column
+    assert table[2:] == [["flame", "0.75 / 0.50", "1.00 / 0.25"]]  # mean reports nothing
+    # a panel without detection metrics has no such table
+    assert "Detection precision" not in summary_markdown(summary_rows(
+        [rec("mean", "none", 0, 0.9), rec("mean", "alie", 0, 0.4)]))
+
+
 def test_panels_per_dataset_and_f_share_the_none_baseline() -> None:
     recs = [
         rec("mean", "none", 0, 0.9),
