@@ -1,6 +1,7 @@
 """The fedshield ``ClientApp``: local training, device-aware, with optional malicious role.
 
-This is one of the few files that import Flower. The training itself is in ``train.py``;
+This is one of the few files that import Flower. The training itself is in ``train.py``,
+what a client does before and after it in ``steps.py`` (shared with the batched engine);
 what a malicious client does is in ``malicious.py`` and ``poisoning.py``.
 """
 
@@ -21,16 +22,8 @@ from aggregation.registry import derive_seed, make_generator
 from privacy.accounting import DEFAULT_ACCOUNTANT
 from runconfig.config import RunConfig, Scalar
 
-from .local_dp import local_dp_update
-from .malicious import (
-    DATA_ATTACKS,
-    MaliciousRole,
-    finish_backdoor_update,
-    malicious_partitions,
-    poison_data,
-    reported_examples,
-)
 from .secagg import secagg_reply, update_and_weight
+from .steps import client_role, finish_state, prepare_client, reply_metrics
 from .task import load_task
 from .train import TrainSettings, local_train, resolve_device
 
@@ -59,17 +52,6 @@ def train_settings(cfg: RunConfig) -> TrainSettings:
     )
 
 
-def client_role(cfg: RunConfig, node_config: Mapping[str, Scalar]) -> MaliciousRole:
-    """This node's role: malicious when its partition id is in the run's malicious set."""
-    if cfg.num_malicious == 0 or "partition-id" not in node_config:
-        return MaliciousRole()
-    pid = int(node_config["partition-id"])
-    num = int(node_config["num-partitions"])
-    if pid in malicious_partitions(num, cfg.num_malicious, cfg.seed):
-        return MaliciousRole(cfg.attack.name, cfg.attack.params, cfg.attack_start_round)
-    return MaliciousRole()
-
-
 def _load_weights(model: nn.Module, record: ArrayRecord) -> None:
     state = record.to_torch_state_dict()
     model.load_state_dict(state, strict=True)
@@ -96,69 +78,36 @@ def handle_train(msg: Message, context: Context) -> Message:
     # train-seconds: from here to the weights to send (data poisoning, training, the update's
     # attack or local DP); the server's profile counts the rest as transfer
     t0 = time.perf_counter()
-    pid = _partition_id(context.node_config)
-    role = client_role(cfg, context.node_config)
+    client = prepare_client(cfg, context.node_config, server_round, x, y,
+                            num_classes=task.num_classes)
     device = resolve_device(cfg.device)
-    attacking = role.active(server_round)
-    if attacking and role.attack in DATA_ATTACKS:
-        attackers = sorted(
-            malicious_partitions(
-                int(context.node_config["num-partitions"]), cfg.num_malicious, cfg.seed
-            )
-        )
-        x, y = poison_data(
-            role, x, y,
-            num_classes=task.num_classes,
-            attacker_rank=attackers.index(pid),
-            num_attackers=len(attackers),
-            generator=make_generator(derive_seed(cfg.seed, "poison", pid, "round", server_round)),
-        )
-    gen = make_generator(derive_seed(cfg.seed, "train", pid, "round", server_round))
     loss_fn = None
     if cfg.adversarial_training:
         loss_fn = _pgd_loss(cfg.adversarial_training, make_generator(
-            derive_seed(cfg.seed, "pgd", pid, "round", server_round)))
+            derive_seed(cfg.seed, "pgd", client.pid, "round", server_round)))
     extra: dict[str, float] = {}
     if cfg.dp_sgd:
         train_loss, extra["dp-epsilon"] = _train_dp_sgd(
-            model, x, y, cfg, settings, context, device=device, generator=gen, loss_fn=loss_fn
+            model, client.x, client.y, cfg, settings, context, device=device,
+            generator=client.generator, loss_fn=loss_fn,
         )
     else:
         train_loss = local_train(
-            model, x, y, settings, device=device, generator=gen, loss_fn=loss_fn
+            model, client.x, client.y, settings, device=device, generator=client.generator,
+            loss_fn=loss_fn,
         )["train-loss"]
     new_state = _state_on_cpu(model)
-    keys = [k for k, v in new_state.items() if v.is_floating_point()]
-    update = torch.cat([(new_state[k] - global_state[k]).reshape(-1) for k in keys])
     benign = None  # Neurotoxin's: the global model's change since this node last saw it
-    if role.attack == "neurotoxin":  # kept every round, before the attack starts too
+    if client.role.attack == "neurotoxin":  # kept every round, before the attack starts too
+        keys = [k for k, v in global_state.items() if v.is_floating_point()]
         flat_global = torch.cat([global_state[k].reshape(-1) for k in keys])
         if "neurotoxin" in context.state.array_records:
             seen = context.state.array_records["neurotoxin"].to_torch_state_dict()["global"]
             benign = flat_global - seen
         context.state["neurotoxin"] = ArrayRecord({"global": flat_global})
-    sent = update
-    if attacking:
-        attack_gen = make_generator(derive_seed(cfg.seed, "attack", pid, "round", server_round))
-        sent = role.poison_update(sent, server_round, generator=attack_gen)
-        sent = finish_backdoor_update(role, sent, server_round, benign=benign)
-    elif cfg.local_dp:  # an honest client noises its own update before it leaves the device
-        p = dict(cfg.local_dp)
-        sent = local_dp_update(
-            sent, float(p.pop("clipping_norm")), **p,
-            generator=make_generator(derive_seed(cfg.seed, "local-dp", pid, "round", server_round)),
-        )
-    if sent is not update or attacking:  # an attacker's reply is always global + sent
-        for k, part in zip(keys, torch.split(sent, [new_state[k].numel() for k in keys]), strict=True):
-            new_state[k] = global_state[k] + part.reshape(new_state[k].shape)
-    metrics: dict[str, float | int] = {
-        "num-examples": reported_examples(role, int(x.shape[0]), server_round),
-        "train-loss": float(train_loss),
-        **extra,
-        "train-seconds": time.perf_counter() - t0,
-        "partition-id": pid,
-        "num-partitions": int(context.node_config.get("num-partitions", -1)),
-    }
+    new_state = finish_state(cfg, client, server_round, global_state, new_state, benign=benign)
+    metrics = reply_metrics(client, context.node_config, server_round, train_loss,
+                            time.perf_counter() - t0, extra)
     content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 

@@ -26,11 +26,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from aggregation.registry import derive_seed, make_generator
-from client.app import client_role, parse_run_config, train_settings
+from client.app import parse_run_config, train_settings
 from client.functional import (
     Perturb,
     local_train_stacked,
@@ -38,15 +37,7 @@ from client.functional import (
     stack_parameters,
     unsupported_features,
 )
-from client.local_dp import local_dp_update
-from client.malicious import (
-    DATA_ATTACKS,
-    MaliciousRole,
-    finish_backdoor_update,
-    malicious_partitions,
-    poison_data,
-    reported_examples,
-)
+from client.steps import ClientData, finish_state, prepare_client, reply_metrics
 from client.task import ClientTask, load_task
 from client.train import resolve_device
 from runconfig.config import RunConfig, Scalar
@@ -109,15 +100,6 @@ def train_batched(jobs: Sequence[TrainJob]) -> list[Outcome]:
     return out
 
 
-@dataclass(frozen=True)
-class _Client:
-    pid: int
-    role: MaliciousRole
-    x: Tensor
-    y: Tensor
-    generator: torch.Generator
-
-
 def _train_group(jobs: Sequence[TrainJob]) -> list[Outcome]:
     first = jobs[0]
     r = first.server_round
@@ -137,7 +119,7 @@ def _train_group(jobs: Sequence[TrainJob]) -> list[Outcome]:
     t0 = time.perf_counter()
     global_state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
     out: list[Outcome] = [None] * len(jobs)
-    ready: list[tuple[int, _Client]] = []
+    ready: list[tuple[int, ClientData]] = []
     one_by_one: set[str] = set()
     for i, job in enumerate(jobs):
         try:
@@ -201,58 +183,26 @@ def _log_fallback(server_round: int, count: int, total: int, features: Sequence[
              "(not batched: %s)", server_round, count, total, ", ".join(features))
 
 
-def _prepare(cfg: RunConfig, task: ClientTask, job: TrainJob) -> _Client:
-    """``handle_train`` before training: data, role, data poisoning, batch-order generator."""
-    node_config, r = job.node_config, job.server_round
-    x, y = task.train_data(node_config)
-    pid = int(node_config.get("partition-id", -1))
-    role = client_role(cfg, node_config)
-    if role.active(r) and role.attack in DATA_ATTACKS:
-        attackers = sorted(malicious_partitions(
-            int(node_config["num-partitions"]), cfg.num_malicious, cfg.seed))
-        x, y = poison_data(
-            role, x, y,
-            num_classes=task.num_classes,
-            attacker_rank=attackers.index(pid),
-            num_attackers=len(attackers),
-            generator=make_generator(derive_seed(cfg.seed, "poison", pid, "round", r)),
-        )
-    if x.shape[0] == 0:
+def _prepare(cfg: RunConfig, task: ClientTask, job: TrainJob) -> ClientData:
+    """``handle_train`` before training (:func:`client.steps.prepare_client`), and the
+    refusals ``local_train`` would make."""
+    x, y = task.train_data(job.node_config)
+    client = prepare_client(cfg, job.node_config, job.server_round, x, y,
+                            num_classes=task.num_classes)
+    if client.x.shape[0] == 0:
         raise ValueError("cannot train on an empty partition: give this client some data")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
-    gen = make_generator(derive_seed(cfg.seed, "train", pid, "round", r))
-    return _Client(pid, role, x, y, gen)
+    if client.x.shape[0] != client.y.shape[0]:
+        raise ValueError(f"x has {client.x.shape[0]} rows but y has {client.y.shape[0]}")
+    return client
 
 
 def _finish(
-    cfg: RunConfig, job: TrainJob, c: _Client, global_state: Mapping[str, Tensor],
+    cfg: RunConfig, job: TrainJob, c: ClientData, global_state: Mapping[str, Tensor],
     trained: Mapping[str, Tensor], train_loss: float,
 ) -> TrainResult:
-    """``handle_train`` after training: update poisoning or local DP, then the reply."""
-    r = job.server_round
+    """``handle_train`` after training (:mod:`client.steps`): update poisoning or local DP,
+    then the reply (``train-seconds`` is set by the caller)."""
     new_state = {k: trained[k] if k in trained else v.clone() for k, v in global_state.items()}
-    attacking = c.role.active(r)
-    if attacking or cfg.local_dp:
-        keys = [k for k, v in new_state.items() if v.is_floating_point()]
-        update = torch.cat([(new_state[k] - global_state[k]).reshape(-1) for k in keys])
-        if attacking:
-            attack_gen = make_generator(derive_seed(cfg.seed, "attack", c.pid, "round", r))
-            sent = c.role.poison_update(update, r, generator=attack_gen)
-            sent = finish_backdoor_update(c.role, sent, r, benign=None)
-        else:
-            p = dict(cfg.local_dp)
-            sent = local_dp_update(
-                update, float(p.pop("clipping_norm")), **p,
-                generator=make_generator(derive_seed(cfg.seed, "local-dp", c.pid, "round", r)),
-            )
-        parts = torch.split(sent, [new_state[k].numel() for k in keys])
-        for k, part in zip(keys, parts, strict=True):
-            new_state[k] = global_state[k] + part.reshape(new_state[k].shape)
-    metrics: dict[str, float | int] = {
-        "num-examples": reported_examples(c.role, int(c.x.shape[0]), r),
-        "train-loss": train_loss,
-        "partition-id": c.pid,
-        "num-partitions": int(job.node_config.get("num-partitions", -1)),
-    }
-    return TrainResult(new_state, metrics)
+    state = finish_state(cfg, c, job.server_round, global_state, new_state)
+    metrics = reply_metrics(c, job.node_config, job.server_round, train_loss, 0.0)
+    return TrainResult(state, metrics)
