@@ -63,6 +63,7 @@ from .processes import (
 )
 
 __all__ = [
+    "EXECUTORS",
     "FLWR_QUIET_ENV",
     "Federation",
     "RunResult",
@@ -81,6 +82,8 @@ FLWR_QUIET_ENV: dict[str, str] = {
 }
 
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
+#: How a SuperNode starts ClientApp processes (see ``Federation``'s ``executor``).
+EXECUTORS: tuple[str, ...] = ("subprocess", "fork")
 # times a SuperNode whose Runtime API port was taken is started again on another port
 PORT_RETRIES = 3
 
@@ -177,9 +180,18 @@ class Federation:
         SuperLink restart). ``False`` keeps it in memory: Flower 1.41's SQLite state
         answers concurrent uploads with HTTP 500 ("database is locked", a 5 s busy
         timeout, no retry) once about ten SuperNodes upload at once, and the lost replies
-        leave the round waiting for ``round-timeout``; with the state in memory the load
-        test's rounds kept all 20 nodes (README, fault table). A restarted in-memory SuperLink starts empty (its nodes
+        leave the round waiting for ``round-timeout``; with the state in memory and
+        ``executor="fork"`` the load test kept all 20 nodes in all 5 rounds (README, fault
+        table). A restarted in-memory SuperLink starts empty (its nodes
         register and activate again).
+
+    executor
+        How each SuperNode starts its ClientApp processes. ``"subprocess"``: Flower's
+        default (``flower-superexec`` starts a fresh ``flwr-clientapp`` per task, which
+        imports Flower and torch each time). ``"fork"``: the node runs in ``process``
+        isolation next to a ``fedshield-superexec`` that forks each ClientApp from a
+        process that imported them once (:mod:`deploy.superexec`); needed when many nodes
+        share few cores, where cold starts miss Flower's 30 s first-heartbeat window.
 
     Raises
     ------
@@ -211,6 +223,7 @@ class Federation:
         die_with_parent: bool = True,
         force: bool = False,
         database: bool = True,
+        executor: str = "subprocess",
     ) -> None:
         if num_nodes < 0:
             raise ValueError(f"num_nodes must be >= 0, got {num_nodes}")
@@ -218,6 +231,10 @@ class Federation:
             raise ValueError(
                 "SuperNode authentication requires TLS (Flower refuses it over plain "
                 "HTTP): set tls=True or auth=False"
+            )
+        if executor not in EXECUTORS:
+            raise ValueError(
+                f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}"
             )
         if node_config is not None and len(node_config) != num_nodes:
             raise ValueError(
@@ -234,6 +251,13 @@ class Federation:
         self.tag = uuid.uuid4().hex
         self.die_with_parent = die_with_parent
         self.database = database
+        self.executor = executor
+        if executor == "fork" and not (self.bin_dir / "fedshield-superexec").exists():
+            raise FileNotFoundError(
+                f"executor='fork' needs {self.bin_dir / 'fedshield-superexec'}: install "
+                "fedshield into that environment (pip install -e ., as make test does)"
+            )
+        self.superexecs: dict[int, ManagedProcess] = {}
         self._port_retries: dict[int, int] = {}
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.flwr_home = self.workdir / "flwr-home"
@@ -421,13 +445,16 @@ class Federation:
         name = name or f"node-{i}"
         if tracked and i in self.supernodes and self.supernodes[i].alive():
             raise RuntimeError(f"{name} is already running: kill_supernode({i}) first")
+        runtime_port = free_port("127.0.0.1")
         argv = [
             str(self.bin_dir / "flower-supernode"),
             "--superlink", self.address,
             "--host", "127.0.0.1",
-            "--port", str(free_port("127.0.0.1")),
+            "--port", str(runtime_port),
             "--node-config", format_node_config(node_config or self.node_config(i)),
         ]
+        if self.executor == "fork":
+            argv += ["--isolation", "process"]
         if self.tls:
             assert self.certs is not None and self.certs.ca_cert is not None
             if not system_ca:
@@ -444,6 +471,20 @@ class Federation:
             self.supernodes[i] = proc
         else:
             self._others.append(proc)
+        if self.executor == "fork":
+            # Dials the node's Runtime API (retrying until it listens) and exits with it.
+            superexec = self._spawn(f"{name}-superexec", [
+                str(self.bin_dir / "fedshield-superexec"), "--insecure",
+                "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+                "--parent-pid", str(proc.pid),
+            ], self.workdir / "nodes" / name)
+            if tracked:
+                old = self.superexecs.pop(i, None)
+                if old is not None:
+                    self._others.append(old)  # still stopped by stop()
+                self.superexecs[i] = superexec
+            else:
+                self._others.append(superexec)
         return proc
 
     def _check_supernodes(self, node_ids: set[int] | None) -> None:
@@ -486,6 +527,10 @@ class Federation:
         proc = self.supernodes[i]
         t = time.time()
         proc.kill(sig)
+        superexec = self.superexecs.get(i)
+        if superexec is not None:  # fork executor: its ClientApps are its descendants
+            superexec.kill(sig)
+            superexec.stop(grace=5.0)
         proc.stop(grace=5.0)
         return t
 
@@ -733,6 +778,7 @@ class Federation:
     def processes(self) -> Iterator[ManagedProcess]:
         """Every process started by this object."""
         yield from self.supernodes.values()
+        yield from self.superexecs.values()
         yield from self._others
         if self.superlink is not None:
             yield self.superlink
@@ -779,6 +825,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="run-config overrides for --run, e.g. \"num-server-rounds=3 "
                    "aggregator='krum'\" (whitespace-separated key=value)")
     p.add_argument("--timeout", type=float, default=1800.0, help="--run time limit (s)")
+    p.add_argument("--executor", choices=EXECUTORS, default="subprocess",
+                   help="how SuperNodes start ClientApps: Flower's fresh process per task, "
+                        "or 'fork' from a process that imported Flower and torch once "
+                        "(many nodes on few cores)")
     p.add_argument("--force", action="store_true",
                    help="replace the keys an earlier federation generated in WORKDIR/certs")
     return p
@@ -825,9 +875,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         fed = Federation(args.workdir, num_nodes=args.nodes, tls=tls,
                          auth=tls and not args.no_auth, certs=certs, node_config=extra,
-                         database=not args.in_memory,
+                         database=not args.in_memory, executor=args.executor,
                          force=args.force)
-    except FileExistsError as exc:
+    except (FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _raise_interrupt)

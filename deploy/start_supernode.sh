@@ -3,7 +3,7 @@
 #
 #   deploy/start_supernode.sh --superlink HOST:PORT --ca CA.crt --key NODE_KEY
 #       (--partition-id I --num-partitions N | --data-path FILE.npz)
-#       [--port 9094] [--restart SECONDS] [--insecure] [-- EXTRA...]
+#       [--port 9094] [--restart SECONDS] [--fork] [--insecure] [-- EXTRA...]
 #
 # --superlink        SuperLink address as dialled (must be a SAN of its certificate)
 # --ca               root CA that signed the SuperLink certificate (ca.crt)
@@ -16,11 +16,17 @@
 # --restart SECONDS  restart after a crash or refusal, waiting SECONDS between tries.
 #                    After a crash the SuperLink refuses the same key for up to 60 s
 #                    (until it declares the node offline), so keep trying.
+# --fork             start each ClientApp by forking it from a fedshield-superexec that
+#                    imported Flower and torch once (python -m deploy.superexec; the
+#                    node runs with --isolation process). For several SuperNodes on few
+#                    cores: a cold ClientApp start costs about 4.4 CPU-s and Flower gives
+#                    it 30 s to send its first heartbeat
 # --insecure         plain HTTP, no authentication: prints a warning; never for real data
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 superlink_addr="" ca="" key="" pid="" nparts="" data_path="" port="9094" restart="" insecure=0
+fork=0
 extra=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -33,6 +39,7 @@ while [[ $# -gt 0 ]]; do
         --port) port="$2"; shift 2 ;;
         --restart) restart="$2"; shift 2 ;;
         --insecure) insecure=1; shift ;;
+        --fork) fork=1; shift ;;
         --) shift; extra=("$@"); break ;;
         -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
@@ -73,17 +80,33 @@ else
     fi
 fi
 
-if [[ -z "$restart" ]]; then
+superexec=""
+if [[ $fork -eq 1 ]]; then
+    superexec="$(find_flower_bin fedshield-superexec)"
+    args+=(--isolation process)
+fi
+
+if [[ -z "$restart" && $fork -eq 0 ]]; then
     exec "$supernode" "${args[@]}" "${extra[@]}"
 fi
-child=0
-trap 'trap - TERM INT; [[ $child -ne 0 ]] && kill -TERM "$child" 2>/dev/null; wait; exit 143' TERM INT
+child=0 helper=0
+trap 'trap - TERM INT; [[ $child -ne 0 ]] && kill -TERM "$child" 2>/dev/null; [[ $helper -ne 0 ]] && kill -TERM "$helper" 2>/dev/null; wait; exit 143' TERM INT
 while true; do
     "$supernode" "${args[@]}" "${extra[@]}" &
     child=$!
+    if [[ -n "$superexec" ]]; then
+        # dials the node's Runtime API (retrying until it listens); exits with the node
+        "$superexec" --insecure --runtime-api-address "127.0.0.1:$port" --parent-pid "$child" &
+        helper=$!
+    fi
     set +e; wait "$child"; rc=$?; set -e
     child=0
-    [[ $rc -eq 0 ]] && exit 0
+    if [[ $helper -ne 0 ]]; then
+        kill -TERM "$helper" 2>/dev/null || true
+        wait "$helper" 2>/dev/null || true
+        helper=0
+    fi
+    [[ $rc -eq 0 || -z "$restart" ]] && exit "$rc"
     echo "$(date -u +%FT%TZ) flower-supernode exited with $rc; restarting in ${restart}s" >&2
     sleep "$restart"
 done

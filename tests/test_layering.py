@@ -27,6 +27,7 @@ FORBIDDEN = {
 # the only modules that may import Flower (API churn touches only them)
 FLOWER_ADAPTERS = {
     "server/app.py", "server/transport.py", "client/app.py", "simulations/engine.py",
+    "deploy/superexec.py",  # a SuperExec: Flower's own loop with another executor
 }
 
 

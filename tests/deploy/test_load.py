@@ -8,9 +8,14 @@ While the run goes on, a thread samples the resident memory (``VmRSS`` in
 SuperExec, ServerApp) every 0.5 s; the peaks and each round's time are printed (``-s``) and
 written to ``load.json`` in the run's work folder.
 
+Each SuperNode forks its ClientApp processes from a warm ``fedshield-superexec``
+(``executor="fork"``, :mod:`deploy.superexec`); ``FEDSHIELD_LOAD_EXECUTOR=subprocess``
+runs Flower's default instead, a fresh process per message that imports Flower and torch
+(about 4.4 CPU-s), which on 2 cores misses Flower's 30 s first-heartbeat window with 20
+nodes (README, fault table). The number of ClientApp starts per node is reported.
+
 The test runs only when selected by its own marker, ``python -m pytest -m load
-tests/deploy/test_load.py`` (10-25 minutes on 2 cores: every ClientApp message starts a
-process that imports torch, 20 per round). It also carries the ``deploy`` and ``slow``
+tests/deploy/test_load.py`` (10-25 minutes on 2 cores). It also carries the ``deploy`` and ``slow``
 markers, so ``-m "not deploy"`` and ``-m "not slow"`` leave it out; a selection that picks
 it for another marker (``-m deploy``, ``-m slow``, or no ``-m``) skips it, with the reason.
 ``FEDSHIELD_LOAD_NODES=N`` runs it with N SuperNodes instead of 20 (a smaller machine).
@@ -43,6 +48,9 @@ NUM_ROUNDS = 5
 # SuperLink state: in memory by default; FEDSHIELD_LOAD_DATABASE=1 uses the SQLite file,
 # whose concurrent writes Flower 1.41 answers with HTTP 500 under this load
 DATABASE = os.environ.get("FEDSHIELD_LOAD_DATABASE", "0") == "1"
+# how SuperNodes start ClientApps (deploy.federation.EXECUTORS)
+EXECUTOR = os.environ.get("FEDSHIELD_LOAD_EXECUTOR", "fork")
+_STARTED = "Start `flwr-clientapp` process"
 # Bounds only, so nothing waits forever: a normal round of 20 nodes took about 400 s on
 # 2 cores (ClientApp start-up is most of it), and a reply the SuperLink failed to store
 # keeps its round waiting until round-timeout.
@@ -151,6 +159,7 @@ class LoadRun:
     superlink_hwm: int  # bytes, kernel high-water mark at the end of the run
     tree_peak: int  # bytes, SuperLink + SuperExec + ServerApp, sampled
     round_peaks: dict[int, tuple[int, int]]  # round -> (SuperLink, tree) bytes
+    clientapp_starts: dict[int, int]  # node index -> ClientApp processes started
     report: dict[str, Any]
 
 
@@ -163,7 +172,7 @@ def load_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadRun]:
     work = tmp_path_factory.mktemp("load")
     certs = write_bundle(work / "certs", nodes=NUM_NODES, days=1)
     fed = Federation(work / "federation", num_nodes=NUM_NODES, certs=certs,
-                     database=DATABASE)
+                     database=DATABASE, executor=EXECUTOR)
     out = work / "out"
     sampler: MemorySampler | None = None
     try:
@@ -195,8 +204,16 @@ def load_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadRun]:
             int(row["round"]): (sampler.peak(rows=i), sampler.peak(tree=True, rows=i))
             for i, row in enumerate(metrics)
         }
+        # each ClientApp logs its start where its parent's output goes
+        starts = {
+            i: (fed.superexecs[i] if EXECUTOR == "fork" else fed.supernodes[i]).log()
+            .count(_STARTED)
+            for i in range(NUM_NODES)
+        }
         report: dict[str, Any] = {
             "nodes": NUM_NODES,
+            "executor": EXECUTOR,
+            "clientapp_starts": starts,
             "database": "sqlite" if DATABASE else "memory",
             "rounds": NUM_ROUNDS,
             "cpus": os.cpu_count(),
@@ -218,7 +235,9 @@ def load_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadRun]:
             ],
         }
         (work / "load.json").write_text(json.dumps(report, indent=2))
-        print(f"\n[load] {NUM_NODES} SuperNodes, {os.cpu_count()} CPUs: activated in "
+        print(f"\n[load] {NUM_NODES} SuperNodes ({EXECUTOR} executor), {os.cpu_count()} "
+              f"CPUs: ClientApp starts per node {min(starts.values())}-"
+              f"{max(starts.values())} for {NUM_ROUNDS} rounds; activated in "
               f"{start_s:.1f} s; run {result.status} in {result.wall_s:.1f} s; SuperLink "
               f"peak RSS {report['superlink_peak_mib']:.0f} MiB (VmHWM "
               f"{report['superlink_hwm_mib']:.0f} MiB), with SuperExec and ServerApp "
@@ -231,7 +250,7 @@ def load_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadRun]:
                   f"tree {r['tree_peak_mib']:.0f} MiB")
         yield LoadRun(result, metrics, audit, dict(fed.node_ids),
                       start_s, sampler.peak(), hwm, sampler.peak(tree=True), round_peaks,
-                      report)
+                      starts, report)
     finally:
         if sampler is not None:
             sampler.stop()
@@ -282,3 +301,18 @@ def test_memory_and_round_times_are_measured(load_run: LoadRun) -> None:
     for row in load_run.metrics[1:]:
         # a round whose reply was lost ends at round-timeout, plus evaluation and logging
         assert 0.0 < row["round-seconds"] < ROUND_TIMEOUT + 120.0
+
+
+def test_clientapp_starts_are_counted(load_run: LoadRun) -> None:
+    # Every reply a node sent came from a ClientApp it started, so the counts (reported,
+    # and more than the rounds when a start missed Flower's 30 s window) bound the kept
+    # rounds from above.
+    kept_rounds = dict.fromkeys(load_run.node_ids.values(), 0)
+    for a in load_run.audit:
+        for p in a["kept"]:
+            kept_rounds[p["node_id"]] += 1
+    for i, nid in load_run.node_ids.items():
+        assert load_run.clientapp_starts[i] >= kept_rounds[nid] >= 0, (
+            f"node {i}: {load_run.clientapp_starts[i]} ClientApp starts counted but kept "
+            f"in {kept_rounds[nid]} rounds"
+        )
