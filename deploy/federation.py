@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -453,8 +454,15 @@ class Federation:
             "--port", str(runtime_port),
             "--node-config", format_node_config(node_config or self.node_config(i)),
         ]
+        secret: Path | None = None
         if self.executor == "fork":
-            argv += ["--isolation", "process"]
+            # Only a holder of this secret may take tasks from the node's Runtime API
+            # (Flower's SuperExec HMAC auth; Flower's subprocess mode runs without it).
+            node_home = self.workdir / "nodes" / name
+            node_home.mkdir(parents=True, exist_ok=True)
+            secret = write_file(node_home / "superexec.secret", secrets.token_bytes(32),
+                                private=True, force=True)
+            argv += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
         if self.tls:
             assert self.certs is not None and self.certs.ca_cert is not None
             if not system_ca:
@@ -471,12 +479,12 @@ class Federation:
             self.supernodes[i] = proc
         else:
             self._others.append(proc)
-        if self.executor == "fork":
+        if secret is not None:
             # Dials the node's Runtime API (retrying until it listens) and exits with it.
             superexec = self._spawn(f"{name}-superexec", [
                 str(self.bin_dir / "fedshield-superexec"), "--insecure",
                 "--runtime-api-address", f"127.0.0.1:{runtime_port}",
-                "--parent-pid", str(proc.pid),
+                "--parent-pid", str(proc.pid), "--superexec-auth-secret-file", str(secret),
             ], self.workdir / "nodes" / name)
             if tracked:
                 old = self.superexecs.pop(i, None)

@@ -80,10 +80,14 @@ else
     fi
 fi
 
-superexec=""
+superexec="" secret=""
 if [[ $fork -eq 1 ]]; then
     superexec="$(find_flower_bin fedshield-superexec)"
-    args+=(--isolation process)
+    # only a holder of this secret may take tasks from the node's Runtime API
+    secret="$(mktemp "${TMPDIR:-/tmp}/fedshield-superexec.XXXXXX")"  # 0600
+    head -c 32 /dev/urandom > "$secret"
+    trap 'rm -f "$secret"' EXIT
+    args+=(--isolation process --superexec-auth-secret-file "$secret")
 fi
 
 if [[ -z "$restart" && $fork -eq 0 ]]; then
@@ -96,7 +100,8 @@ while true; do
     child=$!
     if [[ -n "$superexec" ]]; then
         # dials the node's Runtime API (retrying until it listens); exits with the node
-        "$superexec" --insecure --runtime-api-address "127.0.0.1:$port" --parent-pid "$child" &
+        "$superexec" --insecure --runtime-api-address "127.0.0.1:$port" --parent-pid "$child" \
+            --superexec-auth-secret-file "$secret" &
         helper=$!
     fi
     set +e; wait "$child"; rc=$?; set -e

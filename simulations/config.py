@@ -40,6 +40,9 @@ APP_DEFAULTS: dict[str, Scalar] = dict(APP_KEYS)
 ENGINE_DEFAULTS: dict[str, Scalar] = {
     "num-clients": 10,
     "engine": "per-client",  # or "batched": a round's clients trained as one computation
+    # or "honest-only": the malicious clients are never sent a train message (a perfect
+    # filter from ground truth): the ceiling of any defense that removes attackers
+    "reference": "none",
 }
 
 DEFAULTS: dict[str, Scalar] = {**APP_DEFAULTS, **ENGINE_DEFAULTS}

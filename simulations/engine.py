@@ -23,7 +23,10 @@ from runconfig.config import RunConfig, Scalar
 from server.rounds import Payload, Reply
 from server.transport import GridTransport, encode_payload
 
-__all__ = ["InProcessGrid", "InProcessTransport", "check_names", "run_in_process", "validate"]
+__all__ = [
+    "ENGINE_KEYS", "REFERENCES", "InProcessGrid", "InProcessTransport", "check_engine_keys",
+    "check_names", "run_in_process", "validate",
+]
 
 
 # A fault model for tests: fault(partition_id, message) -> True drops the message (a lost
@@ -31,7 +34,12 @@ __all__ = ["InProcessGrid", "InProcessTransport", "check_names", "run_in_process
 FaultFn = Callable[[int, Message], bool]
 
 _SERVER_NODE_ID = 1
-ENGINE_KEYS = frozenset({"num-clients", "engine"})
+ENGINE_KEYS = frozenset({"num-clients", "engine", "reference"})
+REFERENCES = ("none", "honest-only")
+"""The engine's ``reference`` runs: ``"honest-only"`` never sends a train message to the
+malicious clients (ground truth, :func:`client.malicious.malicious_partitions`), the
+perfect filter: what FedAvg reaches on the honest clients' data alone, the ceiling of any
+defense that removes the attackers' updates."""
 
 
 def _set_task_identity(run_id: int) -> None:
@@ -257,6 +265,40 @@ class InProcessTransport(GridTransport):
         return Message(content=self._encoded[1], message_type=message_type, dst_node_id=node)
 
 
+def check_engine_keys(run_config: Mapping[str, Scalar]) -> tuple[str, str]:
+    """The engine's ``engine`` and ``reference`` settings, checked (defaults when absent).
+
+    Raises
+    ------
+    ValueError
+        A value that is not one of :data:`runconfig.config.ENGINES` /
+        :data:`REFERENCES`.
+    """
+    from runconfig.config import check_engine
+
+    engine = check_engine(run_config.get("engine", "per-client"))
+    reference = run_config.get("reference", "none")
+    if not isinstance(reference, str) or reference not in REFERENCES:
+        raise ValueError(
+            f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}: "
+            "'honest-only' runs without the malicious clients (the ceiling of a defense "
+            "that removes them)"
+        )
+    return engine, reference
+
+
+def _honest_only(malicious: frozenset[int], fault: FaultFn | None) -> FaultFn:
+    """A fault model that drops every train message to a ``malicious`` partition, then
+    applies ``fault`` to the rest."""
+
+    def drop(pid: int, message: Message) -> bool:
+        if pid in malicious and message.metadata.message_type == MessageType.TRAIN:
+            return True
+        return fault(pid, message) if fault is not None else False
+
+    return drop
+
+
 def _client_error(exc: BaseException) -> str:
     """The error text of the reply a ClientApp that raised ``exc`` sends, as decoded."""
     return f"client error 500: {type(exc).__name__}: {exc}"
@@ -401,17 +443,26 @@ def run_in_process(
     """Run one federation in this process; return the per-round metrics rows.
 
     ``run_config`` is the flat config plus the engine's keys: ``num-clients`` (unless
-    ``num_clients`` is given) and ``engine`` (``"per-client"``, the default: one ClientApp
+    ``num_clients`` is given), ``engine`` (``"per-client"``, the default: one ClientApp
     call per node; ``"batched"``: a round's clients trained as one computation, see
-    :mod:`simulations.batched`); ``components`` are extra round components.
+    :mod:`simulations.batched`) and ``reference`` (``"none"``, the default, or
+    ``"honest-only"``, see :data:`REFERENCES`: the malicious clients' train messages are
+    dropped, on top of ``fault``); ``components`` are extra round components.
     """
     from client.app import app as client_app
-    from runconfig.config import check_engine
+    from client.malicious import malicious_partitions
     from server.app import run_server
 
     n = int(num_clients if num_clients is not None else run_config["num-clients"])
-    engine = check_engine(run_config.get("engine", "per-client"))
+    engine, reference = check_engine_keys(run_config)
     app_config = {k: v for k, v in run_config.items() if k not in ENGINE_KEYS}
     cfg = validate(app_config, n)
+    if reference == "honest-only":
+        fault = _honest_only(
+            malicious_partitions(n, cfg.num_malicious, cfg.seed), fault)
     grid = InProcessGrid(client_app, app_config, n, fault=fault, batched=engine == "batched")
-    return run_server(grid, cfg, on_round=on_round, components=components)
+    rows = run_server(grid, cfg, on_round=on_round, components=components)
+    if reference != "none":  # reports tell a reference run from a defense
+        for row in rows:
+            row["reference"] = reference
+    return rows

@@ -90,8 +90,10 @@ SUMMARY_COLUMNS: tuple[str, ...] = (
     "seconds",
     "status",
     "error",
+    "reference",
 )
-"""Columns of ``summary.csv``, in order."""
+"""Columns of ``summary.csv``, in order (``reference``: empty for a defense, the
+engine's reference run, e.g. ``honest-only``, for a reference row)."""
 
 _PER_ROUND_MEANS = {
     "detection_precision": "detection-precision",
@@ -251,6 +253,8 @@ def summary_row(record: CellRecord) -> dict[str, Any]:
         out["rounds"] = int(final["round"])
         for col, key in _FINAL.items():
             out[col] = _finite(final.get(key))
+        if isinstance(final.get("reference"), str):
+            out["reference"] = final["reference"]
         for col, key in _PER_ROUND_MEANS.items():
             vals = [
                 v for r in ordered if int(r["round"]) >= 1
@@ -465,6 +469,7 @@ def summary_markdown(summary: Sequence[Mapping[str, Any]], *, title: str = "") -
     """
     aggs = aggregate(summary)
     worst = worst_cases(aggs)
+    refs = {str(r["defense"]) for r in summary if r.get("reference")}
     seeds = sorted({int(r["seed"]) for r in summary})
     lines = [f"# {title or 'Benchmark'}: final test accuracy", ""]
     lines.append(
@@ -472,18 +477,23 @@ def summary_markdown(summary: Sequence[Mapping[str, Any]], *, title: str = "") -
         "**Bold**: the best defense against each attack. *Worst case*: the lowest mean "
         f"accuracy over the attacks other than `{NO_ATTACK}` (the run without malicious "
         "clients, f=0)."
+        + (" *Reference* rows are not defenses (e.g. honest-only: the malicious clients "
+           "never train, the ceiling of a defense that removes them) and are not ranked."
+           if refs else "")
     )
     for panel in _panels(aggs):
         defenses, attacks, cells = _panel_cells(aggs, panel)
         lines += ["", f"## {_panel_title(panel)}", ""]
-        lines += _table(defenses, attacks, cells, "accuracy", worst, panel, higher_is_better=True)
+        lines += _table(defenses, attacks, cells, "accuracy", worst, panel,
+                        higher_is_better=True, refs=refs)
         backdoored = [at for at in attacks if any(
             cells.get((d, at)) is not None and cells[(d, at)].asr_mean is not None
             for d in defenses
         )]
         if backdoored:
             lines += ["", "Attack success rate of the backdoor (lower is better):", ""]
-            lines += _table(defenses, backdoored, cells, "asr", None, panel, higher_is_better=False)
+            lines += _table(defenses, backdoored, cells, "asr", None, panel,
+                            higher_is_better=False, refs=refs)
         lines += _detection_table(defenses, attacks, cells)
     failed = [r for r in summary if r["status"] == "failed"]
     pending = [r for r in summary if r["status"] == "pending"]
@@ -536,7 +546,11 @@ def _table(
     panel: PanelKey,
     *,
     higher_is_better: bool,
+    refs: frozenset[str] | set[str] = frozenset(),
 ) -> list[str]:
+    """One Markdown table; the best value per column in bold, reference rows (``refs``)
+    labelled and left out of the ranking."""
+
     def value(d: str, at: str) -> float | None:
         a = cells.get((d, at))
         if a is None:
@@ -545,17 +559,19 @@ def _table(
 
     best: dict[str, float] = {}
     for at in attacks:
-        vals = [v for d in defenses if (v := value(d, at)) is not None]
+        vals = [v for d in defenses if d not in refs and (v := value(d, at)) is not None]
         if vals:
             best[at] = max(vals) if higher_is_better else min(vals)
     head = ["defense", *attacks] + (["worst case"] if worst is not None else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for d in defenses:
-        row = [d]
+        row = [f"*{d}* (reference)" if d in refs else d]
         for at in attacks:
             text = _cell_text(cells.get((d, at)), metric)
             v = value(d, at)
-            if v is not None and at in best and math.isclose(v, best[at], abs_tol=5e-4):
+            if d in refs:
+                pass
+            elif v is not None and at in best and math.isclose(v, best[at], abs_tol=5e-4):
                 text = f"**{text}**"
             row.append(text)
         if worst is not None:

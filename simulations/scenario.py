@@ -268,6 +268,8 @@ class Cell:
     def config_hash(self) -> str:
         """SHA-256 (hex) of the canonical JSON of the run config without ``out-dir``."""
         cfg = {k: v for k, v in self.config.items() if k != "out-dir"}
+        if cfg.get("reference") == "none":  # the key came later: earlier cells keep their ids
+            del cfg["reference"]
         blob = json.dumps(cfg, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -605,11 +607,12 @@ def check_cells(cells: Sequence[Cell]) -> None:
     TypeError, ValueError
         Bad parameters or contradicting settings; the message names the cell.
     """
-    from .engine import ENGINE_KEYS, check_names
+    from .engine import ENGINE_KEYS, check_engine_keys, check_names
 
     for cell in cells:
         flat = {k: v for k, v in cell.config.items() if k not in ENGINE_KEYS}
         try:
+            check_engine_keys(cell.config)
             check_names(RunConfig.from_flat(flat))
         except (KeyError, TypeError, ValueError, FileNotFoundError) as exc:
             message = exc.args[0] if exc.args else str(exc)

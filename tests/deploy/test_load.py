@@ -68,7 +68,7 @@ pytestmark = [pytest.mark.load, pytest.mark.deploy, pytest.mark.slow,
 def _only_when_asked(request: pytest.FixtureRequest) -> None:
     markexpr = str(request.config.getoption("markexpr") or "")
     if not _selects(markexpr, "load"):
-        pytest.skip("load test (10-25 min): run it with python -m pytest -m load "
+        pytest.skip("load test (about 10 min): run it with python -m pytest -m load "
                     "tests/deploy/test_load.py")
     for exe in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr"):
         if not (BIN / exe).exists():

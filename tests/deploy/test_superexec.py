@@ -184,6 +184,10 @@ def test_federation_with_forked_clientapps_runs_rounds(tmp_path: Path) -> None:
         assert [r["round"] for r in rows] == [0, 1, 2]
         assert [r["num-kept"] for r in rows[1:]] == [2, 2]
         for i in range(2):
+            # the node and its SuperExec share a private secret (SuperExec auth)
+            secret = fed.workdir / "nodes" / f"node-{i}" / "superexec.secret"
+            assert secret.stat().st_mode & 0o777 == 0o600
+            assert len(secret.read_bytes()) == 32
             # each round's ClientApp was forked by the node's fedshield-superexec; the
             # SuperNode (process isolation) started none
             started = "Start `flwr-clientapp` process"

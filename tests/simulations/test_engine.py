@@ -173,3 +173,33 @@ def test_evaluation_extras_report_evasion_and_membership(tmp_path: Path) -> None
     for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
         json.loads(line)  # strict JSON: no NaN literals
         assert "NaN" not in line
+
+
+@pytest.mark.parametrize("attack", [["attack=sign_flip"], ["attack=ipm"], ["attack=backdoor"]])
+def test_honest_only_reference_never_trains_the_malicious_clients(attack: list[str]) -> None:
+    from client.malicious import malicious_partitions
+
+    trained: list[int] = []
+
+    def spy(pid: int, message: Message) -> bool:  # sees each message the engine sends
+        if message.metadata.message_type == "train":
+            trained.append(pid)
+        return False
+
+    rows = _run("num-server-rounds=2", "num-malicious=3", *attack, "reference=honest-only",
+                "engine=batched", fault=spy)
+    bad = malicious_partitions(10, 3, 0)
+    honest = sorted(set(range(10)) - bad)
+    # every round trained exactly the seven honest clients, and aggregated them
+    assert sorted(trained) == sorted(honest * 2)
+    assert [r["num-kept"] for r in rows[1:]] == [7, 7]
+    # the attack never reached the model: the run equals the honest-only run of another
+    # attack (the malicious clients are the same partitions, and none of them answered)
+    other = _run("num-server-rounds=2", "num-malicious=3", "attack=gaussian",
+                 "reference=honest-only", "engine=batched")
+    assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in other]
+
+
+def test_reference_is_checked() -> None:
+    with pytest.raises(ValueError, match="reference must be one of none, honest-only"):
+        _run("num-server-rounds=1", "reference=oracle")

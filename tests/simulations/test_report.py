@@ -294,3 +294,22 @@ def test_dp_cells_show_epsilon_next_to_accuracy() -> None:
     assert _cell_text(a, "accuracy") == "0.500 ± 0.100 (ε=19.9)"
     b = Aggregate("d", "iid", 10, 0, "mean", "none", 2, 0, 0.5, 0.1, None, None)
     assert "ε" not in _cell_text(b, "accuracy")
+
+
+def test_reference_rows_are_labelled_and_not_ranked(records: list[CellRecord]) -> None:
+    # an honest-only reference beats every defense; the bold stays with the best defense
+    recs = records + [
+        rec("honest-only", a, s, 0.99, reference="honest-only")
+        for a in ("none", "alie", "ipm") for s in (0, 1)
+    ]
+    summary = summary_rows(recs)
+    assert {r["reference"] for r in summary if r["defense"] == "honest-only"} == {"honest-only"}
+    assert {r["reference"] for r in summary if r["defense"] != "honest-only"} == {None}
+    md = summary_markdown(summary)
+    ref_line = next(x for x in md.splitlines() if x.startswith("| *honest-only* (reference) |"))
+    assert "**" not in ref_line and "0.990" in ref_line
+    median_line = next(x for x in md.splitlines() if x.startswith("| median |"))
+    assert "**0.750 ± 0.071**" in median_line  # alie: the best defense, 0.70 and 0.80
+    assert "*Reference* rows are not defenses" in md
+    # without a reference nothing changes
+    assert "(reference)" not in summary_markdown(summary_rows(records))

@@ -234,3 +234,24 @@ def test_bucketing_mnist_follows_the_paper_setup() -> None:
     assert {"alie", "ipm", "label_flip"} <= attacks
     assert attacks & {"sign_flip", "bit_flip"}
 
+
+
+def test_reference_none_keeps_the_cell_ids_of_configs_without_the_key() -> None:
+    import dataclasses
+    import hashlib
+
+    cell = parse_scenario(MATRIX).cells()[0]
+    assert cell.config["reference"] == "none"
+    # the id of the same config as it was before the key existed
+    before = {k: v for k, v in cell.config.items() if k not in ("out-dir", "reference")}
+    blob = json.dumps(before, sort_keys=True, separators=(",", ":"))
+    assert cell.config_hash == hashlib.sha256(blob.encode()).hexdigest()
+    honest = dataclasses.replace(cell, config={**cell.config, "reference": "honest-only"})
+    assert honest.config_hash != cell.config_hash
+
+
+def test_a_bad_reference_is_refused_before_any_cell_runs() -> None:
+    bad = json.loads(json.dumps(MATRIX))
+    bad["fixed"]["reference"] = "oracle"
+    with pytest.raises(ValueError, match="cell .*reference must be one of none, honest-only"):
+        check_cells(parse_scenario(bad).cells())
