@@ -95,3 +95,18 @@ def test_federation_cli_flags_and_bad_run_config(
                             "--run-config", "aggregator='krum"]) == 2
     assert "unclosed ' quote" in capsys.readouterr().err
     assert not (tmp_path / "logs").exists()
+
+
+def test_federation_cli_executor_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert federation._parser().parse_args(["--workdir", "w"]).executor == "subprocess"
+    assert federation._parser().parse_args(
+        ["--workdir", "w", "--executor", "fork"]).executor == "fork"
+    with pytest.raises(SystemExit):
+        federation._parser().parse_args(["--workdir", "w", "--executor", "thread"])
+    assert "invalid choice: 'thread'" in capsys.readouterr().err
+    # fork needs fedshield-superexec next to the Flower executables: refused in one line
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="fedshield-superexec.*pip install -e"):
+        federation.Federation(tmp_path / "w", num_nodes=1, tls=False, auth=False,
+                              bin_dir=empty, executor="fork")
