@@ -496,7 +496,8 @@ class Federation:
         return proc
 
     def _check_supernodes(self, node_ids: set[int] | None) -> None:
-        """While waiting for nodes: restart a SuperNode that lost its Runtime API port.
+        """While waiting for nodes: restart a SuperNode that lost its Runtime API port;
+        refuse a node whose ``fedshield-superexec`` exited (``executor="fork"``).
 
         :func:`free_port` picks a port that another process may take before the SuperNode
         binds it (many nodes starting at once, other servers on the machine); such a node
@@ -524,6 +525,13 @@ class Federation:
             if awaited:
                 raise RuntimeError(f"node-{i} exited while the federation waited for it:\n"
                                    f"{text[-1500:]}")
+        for i, superexec in list(self.superexecs.items()):
+            # a node without its SuperExec would be online and never run a task
+            node = self.supernodes.get(i)
+            if node is not None and node.alive() and not superexec.alive():
+                raise RuntimeError(
+                    f"node-{i}'s fedshield-superexec exited (the node could run no task):\n"
+                    f"{superexec.log()[-1500:]}")
 
     def start_supernodes(self) -> None:
         """Start every SuperNode ``0..num_nodes-1``."""
@@ -533,11 +541,14 @@ class Federation:
     def kill_supernode(self, i: int, sig: signal.Signals = signal.SIGKILL) -> float:
         """Kill SuperNode ``i`` and its ClientApp processes; return the kill time (epoch s)."""
         proc = self.supernodes[i]
-        t = time.time()
-        proc.kill(sig)
         superexec = self.superexecs.get(i)
-        if superexec is not None:  # fork executor: its ClientApps are its descendants
+        t = time.time()
+        if superexec is not None:
+            # fork executor: its ClientApps are its descendants; killed first, before it
+            # can see the node gone and exit, leaving them to be re-parented
             superexec.kill(sig)
+        proc.kill(sig)
+        if superexec is not None:
             superexec.stop(grace=5.0)
         proc.stop(grace=5.0)
         return t

@@ -16,11 +16,12 @@
 # --restart SECONDS  restart after a crash or refusal, waiting SECONDS between tries.
 #                    After a crash the SuperLink refuses the same key for up to 60 s
 #                    (until it declares the node offline), so keep trying.
-# --fork             start each ClientApp by forking it from a fedshield-superexec that
-#                    imported Flower and torch once (python -m deploy.superexec; the
-#                    node runs with --isolation process). For several SuperNodes on few
-#                    cores: a cold ClientApp start costs about 4.4 CPU-s and Flower gives
-#                    it 30 s to send its first heartbeat
+# --fork             start each ClientApp by forking it from fedshield-superexec, which
+#                    imported Flower and torch once (the node runs with --isolation
+#                    process). For several SuperNodes on few cores: a cold ClientApp
+#                    imports Flower's entry (2-3.4 CPU-s) before its first heartbeat, and
+#                    Flower gives it 30 s. If fedshield-superexec exits, the node is
+#                    stopped too (and restarted with --restart): it could run no task
 # --insecure         plain HTTP, no authentication: prints a warning; never for real data
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
@@ -94,7 +95,7 @@ if [[ -z "$restart" && $fork -eq 0 ]]; then
     exec "$supernode" "${args[@]}" "${extra[@]}"
 fi
 child=0 helper=0
-trap 'trap - TERM INT; [[ $child -ne 0 ]] && kill -TERM "$child" 2>/dev/null; [[ $helper -ne 0 ]] && kill -TERM "$helper" 2>/dev/null; wait; exit 143' TERM INT
+trap 'trap - TERM INT; [[ $child -ne 0 ]] && kill -TERM "$child" 2>/dev/null; [[ $helper -ne 0 ]] && kill -TERM "$helper" 2>/dev/null; wait || true; exit 143' TERM INT
 while true; do
     "$supernode" "${args[@]}" "${extra[@]}" &
     child=$!
@@ -104,12 +105,25 @@ while true; do
             --superexec-auth-secret-file "$secret" &
         helper=$!
     fi
+    if [[ $helper -ne 0 ]]; then
+        # both must run: a node whose SuperExec is gone would hold its tasks unrun
+        while kill -0 "$child" 2>/dev/null && kill -0 "$helper" 2>/dev/null; do
+            sleep 1
+        done
+        if kill -0 "$child" 2>/dev/null; then
+            set +e; wait "$helper"; hrc=$?; set -e
+            echo "$(date -u +%FT%TZ) fedshield-superexec exited with $hrc; stopping the SuperNode" >&2
+            kill -TERM "$child" 2>/dev/null || true
+        fi
+    fi
     set +e; wait "$child"; rc=$?; set -e
     child=0
     if [[ $helper -ne 0 ]]; then
         kill -TERM "$helper" 2>/dev/null || true
         wait "$helper" 2>/dev/null || true
         helper=0
+        [[ ${hrc:-0} -ne 0 && $rc -eq 0 ]] && rc=1  # stopped for its SuperExec: a failure
+        hrc=0
     fi
     [[ $rc -eq 0 || -z "$restart" ]] && exit "$rc"
     echo "$(date -u +%FT%TZ) flower-supernode exited with $rc; restarting in ${restart}s" >&2

@@ -3,17 +3,19 @@
 Why: Flower 1.41 gives a claimed task 30 s (``HEARTBEAT_DEFAULT_INTERVAL``, not
 configurable) to send its first heartbeat, or the task goes back to pending and the
 SuperNode starts another ClientApp process while the first runs on. A cold
-``flwr-clientapp`` spends that window importing: its entry module and torch cost about
-4.4 CPU-seconds before the first heartbeat (measured on the 2-core CI box). Twenty
-SuperNodes on two cores start twenty such processes at once, miss the window, and every
-miss starts one more process (README, fault table).
+``flwr-clientapp`` sends that heartbeat only after importing Flower's entry module, 2-3.4
+CPU-seconds (measured on the 2-core CI box), and then imports torch when it loads the app
+(2.5 CPU-s more, competing with the other nodes' starts). Twenty SuperNodes on two cores
+start twenty such processes at once, miss the window, and every miss starts one more
+process (README, fault table).
 
 What: this SuperExec runs Flower's own loop (``flower-superexec``: task acquisition,
 TLS, SuperExec authentication, health server and every flag stay Flower's) with one
 change, the executor. ClientApp tasks are started as children of a fork server that has
 imported Flower's ``flwr-clientapp`` entry and the modules in ``--preload`` (torch by
-default) once, when the SuperExec starts; a child runs exactly what ``flwr-clientapp``
-runs, with the same arguments, and reaches its first heartbeat in well under a second.
+default) once, when the SuperExec starts (it waits until they are imported, and refuses to
+start if one cannot be); a child runs exactly what ``flwr-clientapp`` runs, with the same
+arguments, and reaches its first heartbeat in well under a second.
 Every other task type (ServerApp, simulation) goes to Flower's subprocess executor
 unchanged. The app itself is never preloaded: each child loads the run's FAB as
 ``flwr-clientapp`` does, so a new FAB is never shadowed by an earlier import.
@@ -28,7 +30,8 @@ Use it with a SuperNode in ``process`` isolation::
 ``deploy/start_supernode.sh --fork`` on a device. Linux and macOS (needs ``fork``).
 Relies on the ``flwr.supercore.superexec`` executor interface of Flower 1.40 and 1.41
 (fedshield's pin; their subprocess executors are identical); a Flower without it is
-refused at start with the reason.
+refused at start with the reason. A task whose launch fails (the fork server died) is
+reported to Flower as failed, and the next launch starts a new fork server.
 """
 
 from __future__ import annotations
@@ -42,14 +45,11 @@ import multiprocessing.forkserver
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flwr.supercore.constant import ExecutorType, TaskType
-from flwr.supercore.superexec.executor import (
-    ExecutionSpec,
-    LaunchResult,
-    SubprocessExecutor,
-)
+if TYPE_CHECKING:  # imported at run time where used: main() explains a missing Flower
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
 
 __all__ = ["DEFAULT_PRELOAD", "ForkClientAppExecutor", "clientapp_argv", "main"]
 
@@ -58,6 +58,8 @@ __all__ = ["DEFAULT_PRELOAD", "ForkClientAppExecutor", "clientapp_argv", "main"]
 DEFAULT_PRELOAD: tuple[str, ...] = ("torch",)
 
 _CLIENTAPP_ENTRY = "flwr.supernode.cli.flwr_clientapp:flwr_clientapp"
+# how long the fork server may take to import the preloaded modules at start
+PRELOAD_TIMEOUT = 300.0
 # This module by its import name (the fork server imports it; ``python -m`` runs it as
 # ``__main__``, which the fork server would not find).
 _THIS = "deploy.superexec"
@@ -105,6 +107,12 @@ def _run_clientapp(entry: str, argv: list[str], quiet: bool) -> None:
     getattr(importlib.import_module(module), attr)()
 
 
+def _probe(conn: Any, names: list[str]) -> None:
+    """Child of the fork server: report which of ``names`` it does not have imported."""
+    conn.send([n for n in names if n not in sys.modules])
+    conn.close()
+
+
 class ForkClientAppExecutor:
     """A SuperExec executor (Flower 1.40-1.41's ``Executor`` protocol) that forks ClientApp
     processes from a warm fork server and passes every other task type to Flower's
@@ -122,15 +130,19 @@ class ForkClientAppExecutor:
     Raises
     ------
     ImportError
-        If a module in ``preload`` cannot be imported.
+        If a module in ``preload`` is not installed, or the fork server did not import it
+        (it failed to import, or this process's fork server was started earlier without
+        it).
+    TimeoutError
+        If the fork server has not imported them within ``PRELOAD_TIMEOUT`` seconds.
     """
 
     def __init__(
         self, preload: Sequence[str] = DEFAULT_PRELOAD, *, entry: str = _CLIENTAPP_ENTRY
     ) -> None:
+        from flwr.supercore.superexec.executor import SubprocessExecutor
+
         for name in preload:
-            # multiprocessing's fork server skips modules it cannot import, silently;
-            # an unusable preload list must fail here, with the module's error.
             if importlib.util.find_spec(name) is None:
                 raise ImportError(
                     f"--preload {name}: no module of that name is installed in "
@@ -144,11 +156,38 @@ class ForkClientAppExecutor:
         ctx = multiprocessing.get_context("forkserver")
         assert isinstance(ctx, multiprocessing.context.ForkServerContext)
         ctx.set_forkserver_preload(list(self.preload))
-        # Start (and import) now, not on the first task, which has a 30 s window.
-        multiprocessing.forkserver.ensure_running()
         self._ctx = ctx
         self._subprocess = SubprocessExecutor()
         self._children: list[multiprocessing.process.BaseProcess] = []
+        self._check_preloaded()
+
+    def _check_preloaded(self) -> None:
+        """Start the fork server now, wait until it has imported the preloaded modules and
+        check that it has: multiprocessing's fork server skips a module that fails to
+        import, silently, and every task would then pay for it."""
+        here, there = self._ctx.Pipe(duplex=False)
+        probe = self._ctx.Process(target=_probe, args=(there, list(self.preload)),
+                                  name="fedshield-superexec-probe")
+        probe.start()
+        there.close()
+        try:
+            if not here.poll(PRELOAD_TIMEOUT):
+                raise TimeoutError(
+                    f"the fork server did not import {', '.join(self.preload)} within "
+                    f"{PRELOAD_TIMEOUT:.0f} s: is the machine overloaded?"
+                )
+            missing = here.recv()
+        except EOFError:
+            missing = list(self.preload)  # the probe died before answering
+        finally:
+            here.close()
+            probe.join(10.0)
+        if missing:
+            raise ImportError(
+                f"the fork server could not import {', '.join(missing)}: run "
+                f"{sys.executable} -c 'import {missing[0]}' to see why, or remove it from "
+                "--preload"
+            )
 
     @property
     def running(self) -> int:
@@ -171,9 +210,14 @@ class ForkClientAppExecutor:
 
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
         """Fork a ClientApp task from the fork server; start any other task type as
-        Flower's subprocess executor does."""
+        Flower's subprocess executor does. A fork that fails is reported as failed (Flower
+        then lets the task expire and offers it again), never raised into Flower's loop."""
+        from flwr.supercore.constant import TaskType
+        from flwr.supercore.superexec.executor import LaunchResult
+
         if spec.task_type != TaskType.CLIENT_APP:
-            return self._subprocess.launch(spec)
+            launched: LaunchResult = self._subprocess.launch(spec)
+            return launched
         proc = self._ctx.Process(
             target=_run_clientapp,
             args=(self.entry, clientapp_argv(spec), bool(spec.suppress_output)),
@@ -181,8 +225,14 @@ class ForkClientAppExecutor:
         )
         try:
             proc.start()
-        except OSError as exc:
-            return LaunchResult.failed(f"could not fork the ClientApp process: {exc}")
+        except Exception as exc:  # e.g. EOFError: the fork server died; next start renews it
+            return LaunchResult.failed(
+                f"could not fork the ClientApp process from the fork server: "
+                f"{type(exc).__name__}: {exc}")
+        # Not multiprocessing's to join at exit: a ClientApp ends on its own (it watches
+        # this process's pid, as Flower's subprocess children do), and joining it would
+        # hold a stopping SuperExec until every running task is done.
+        multiprocessing.process._children.discard(proc)  # type: ignore[attr-defined]
         self._children.append(proc)
         return LaunchResult.accepted()
 
@@ -203,15 +253,23 @@ class ForkClientAppExecutor:
         self._subprocess.close()
 
 
-def _install(executor: ForkClientAppExecutor) -> None:
-    """Make Flower's SuperExec loop use ``executor`` (for the subprocess executor type)."""
+def _flower_superexec() -> Any:
+    """Flower's SuperExec loop module, or a one-line exit naming the Flower it needs."""
     try:
-        module = importlib.import_module(_EXECUTOR_MODULE)
+        importlib.import_module("flwr.supercore.superexec.executor")
+        return importlib.import_module(_EXECUTOR_MODULE)
     except ImportError as exc:
         raise SystemExit(
             f"fedshield-superexec: this Flower has no SuperExec executor interface "
             f"({exc}); it needs flwr>=1.40,<1.42 (fedshield's pin)"
         ) from None
+
+
+def _install(executor: ForkClientAppExecutor) -> None:
+    """Make Flower's SuperExec loop use ``executor`` (for the subprocess executor type)."""
+    from flwr.supercore.constant import ExecutorType
+
+    module = _flower_superexec()
     if not hasattr(module, "get_executor"):
         raise SystemExit(
             f"fedshield-superexec: {_EXECUTOR_MODULE}.get_executor is missing in this "
@@ -226,7 +284,7 @@ def _install(executor: ForkClientAppExecutor) -> None:
             )
         return executor
 
-    module.get_executor = get_executor  # type: ignore[attr-defined]
+    module.get_executor = get_executor
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -250,12 +308,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.print_help()
         print("\nflower-superexec options follow.\n")
     preload = tuple(m.strip() for m in args.preload.split(",") if m.strip())
+    _flower_superexec()
     from flwr.supercore.cli.flower_superexec import flower_superexec
 
     if not ("-h" in rest or "--help" in rest or "-V" in rest or "--version" in rest):
         try:
             executor = ForkClientAppExecutor(preload)
-        except ImportError as exc:
+        except (ImportError, TimeoutError) as exc:
             raise SystemExit(f"fedshield-superexec: {exc}") from None
         _install(executor)
     sys.argv = ["fedshield-superexec", *rest]

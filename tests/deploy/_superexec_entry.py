@@ -13,9 +13,12 @@ OUT_VAR = "FEDSHIELD_TEST_SUPEREXEC_OUT"
 
 def record() -> None:
     token = sys.argv[sys.argv.index("--token") + 1]
-    Path(os.environ[OUT_VAR], f"{token}.json").write_text(json.dumps({
+    out = Path(os.environ[OUT_VAR], f"{token}.json")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({
         "argv": sys.argv,
         "pid": os.getpid(),
         "ppid": os.getppid(),
         "preloaded": "wave" in sys.modules,
     }))
+    os.replace(tmp, out)  # the test reads it as soon as it appears

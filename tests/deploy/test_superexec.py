@@ -85,10 +85,9 @@ def executor(out_dir: Path) -> ForkClientAppExecutor:
 
 def _wait_for(path: Path, timeout: float = 60.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not path.exists():  # renamed into place whole
         assert time.monotonic() < deadline, f"the forked ClientApp wrote no {path.name}"
         time.sleep(0.05)
-    time.sleep(0.05)  # written in one call; let it finish
     return dict(json.loads(path.read_text()))
 
 
@@ -130,6 +129,30 @@ def test_other_task_types_go_to_flowers_subprocess_executor(
     spec = _spec("s1", task_type=TaskType.SERVER_APP)
     assert executor.launch(spec) == "sub"
     assert launched == [spec]
+
+
+def test_a_failed_fork_is_reported_to_flower_not_raised(
+    executor: ForkClientAppExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class DeadForkServer:
+        def __init__(self, **_: Any) -> None:
+            pass
+
+        def start(self) -> None:
+            raise EOFError("unexpected EOF")  # what a dead fork server gives
+
+    monkeypatch.setattr(executor._ctx, "Process", DeadForkServer)
+    result = executor.launch(_spec("dead", task_id=9))
+    assert result.status == executor_types.LaunchResultStatus.FAILED
+    assert "EOFError: unexpected EOF" in (result.message or "")
+
+
+def test_a_module_the_fork_server_lacks_is_refused(executor: ForkClientAppExecutor) -> None:
+    # this process's fork server was started (by the fixture) without tabnanny: a second
+    # executor asking for it cannot get it, and says so instead of paying for it per task
+    with pytest.raises(ImportError, match="fork server could not import tabnanny"):
+        ForkClientAppExecutor(preload=("tabnanny",),
+                              entry="tests.deploy._superexec_entry:record")
 
 
 def test_a_preload_module_that_is_not_installed_is_refused() -> None:
@@ -237,3 +260,32 @@ def test_start_supernode_script_with_fork_runs_a_round(tmp_path: Path) -> None:
             node.stop(grace=5.0)
         fed.stop()
     assert not tagged_pids(fed.tag)
+
+
+@pytest.mark.deploy
+@pytest.mark.timeout(120)
+def test_start_supernode_script_stops_the_node_when_its_superexec_exits(tmp_path: Path) -> None:
+    from deploy.processes import free_port
+
+    if not (BIN / "flower-supernode").exists():
+        pytest.skip(f"flower-supernode not found next to {sys.executable}: install flwr")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "flower-supernode").symlink_to(BIN / "flower-supernode")
+    stub = bin_dir / "fedshield-superexec"
+    stub.write_text("#!/bin/sh\nsleep 2\necho 'superexec: bad preload' >&2\nexit 3\n")
+    stub.chmod(0o755)
+    env = {**os.environ, "FLWR_BIN_DIR": str(bin_dir), "TMPDIR": str(tmp_path)}
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [shutil.which("bash") or "/bin/bash", str(REPO / "deploy" / "start_supernode.sh"),
+         "--superlink", "127.0.0.1:9", "--insecure", "--fork", "--port", str(free_port()),
+         "--partition-id", "0", "--num-partitions", "1"],
+        env=env, capture_output=True, text=True, timeout=90, check=False,
+    )
+    # the node (which could never run a task) was stopped, not left online
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    assert "fedshield-superexec exited with 3; stopping the SuperNode" in proc.stderr
+    assert time.monotonic() - t0 < 60
+    # the per-node SuperExec secret was removed with the script
+    assert not list(tmp_path.glob("fedshield-superexec.*"))
