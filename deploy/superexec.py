@@ -265,11 +265,11 @@ def _flower_superexec() -> Any:
         ) from None
 
 
-def _install(executor: ForkClientAppExecutor) -> None:
-    """Make Flower's SuperExec loop use ``executor`` (for the subprocess executor type)."""
+def _install(module: Any, executor: ForkClientAppExecutor) -> None:
+    """Make Flower's SuperExec loop (``module``, :func:`_flower_superexec`) use
+    ``executor`` (for the subprocess executor type)."""
     from flwr.supercore.constant import ExecutorType
 
-    module = _flower_superexec()
     if not hasattr(module, "get_executor"):
         raise SystemExit(
             f"fedshield-superexec: {_EXECUTOR_MODULE}.get_executor is missing in this "
@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.print_help()
         print("\nflower-superexec options follow.\n")
     preload = tuple(m.strip() for m in args.preload.split(",") if m.strip())
-    _flower_superexec()
+    loop = _flower_superexec()
     from flwr.supercore.cli.flower_superexec import flower_superexec
 
     if not ("-h" in rest or "--help" in rest or "-V" in rest or "--version" in rest):
@@ -316,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             executor = ForkClientAppExecutor(preload)
         except (ImportError, TimeoutError) as exc:
             raise SystemExit(f"fedshield-superexec: {exc}") from None
-        _install(executor)
+        _install(loop, executor)
     sys.argv = ["fedshield-superexec", *rest]
     flower_superexec()
 

@@ -569,9 +569,8 @@ def _table(
         for at in attacks:
             text = _cell_text(cells.get((d, at)), metric)
             v = value(d, at)
-            if d in refs:
-                pass
-            elif v is not None and at in best and math.isclose(v, best[at], abs_tol=5e-4):
+            if (d not in refs and v is not None and at in best
+                    and math.isclose(v, best[at], abs_tol=5e-4)):
                 text = f"**{text}**"
             row.append(text)
         if worst is not None:

@@ -185,6 +185,18 @@ def test_federation_refuses_an_unknown_executor(tmp_path: Path) -> None:
         Federation(tmp_path, num_nodes=1, tls=False, auth=False, executor="thread")
 
 
+def _need_deploy_executables() -> None:
+    for exe in ("flower-superlink", "flower-supernode", "flwr", "fedshield-superexec"):
+        if not (BIN / exe).exists():
+            pytest.skip(f"{exe} not found next to {sys.executable}: pip install -e .")
+
+
+def _small_run(out: Path, nodes: int, rounds: int) -> dict[str, Any]:
+    """Run config of a short logreg run in which every node trains every round."""
+    return {"num-server-rounds": rounds, "clients-per-round": nodes, "min-clients": nodes,
+            "model": "logreg", "local-epochs": 1, "round-timeout": 300.0, "out-dir": str(out)}
+
+
 @pytest.mark.deploy
 @pytest.mark.slow
 @pytest.mark.timeout(600)
@@ -192,16 +204,12 @@ def test_federation_with_forked_clientapps_runs_rounds(tmp_path: Path) -> None:
     from deploy.federation import Federation
     from deploy.processes import tagged_pids
 
-    for exe in ("flower-superlink", "flower-supernode", "flwr", "fedshield-superexec"):
-        if not (BIN / exe).exists():
-            pytest.skip(f"{exe} not found next to {sys.executable}: pip install -e .")
+    _need_deploy_executables()
     out = tmp_path / "out"
     fed = Federation(tmp_path / "fed", num_nodes=2, executor="fork", database=False)
     try:
         fed.start(timeout=300.0)
-        result = fed.run(REPO, {"num-server-rounds": 2, "clients-per-round": 2,
-                                "min-clients": 2, "model": "logreg", "local-epochs": 1,
-                                "round-timeout": 300.0, "out-dir": str(out)}, timeout=500)
+        result = fed.run(REPO, _small_run(out, nodes=2, rounds=2), timeout=500)
         assert result.status == "finished:completed", result.log[-3000:]
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in rows] == [0, 1, 2]
@@ -228,9 +236,7 @@ def test_start_supernode_script_with_fork_runs_a_round(tmp_path: Path) -> None:
     from deploy.federation import Federation
     from deploy.processes import free_port, spawn, tagged_pids
 
-    for exe in ("flower-superlink", "flower-supernode", "flwr", "fedshield-superexec"):
-        if not (BIN / exe).exists():
-            pytest.skip(f"{exe} not found next to {sys.executable}: pip install -e .")
+    _need_deploy_executables()
     out = tmp_path / "out"
     fed = Federation(tmp_path / "fed", num_nodes=0, tls=False, auth=False, database=False)
     node = None
@@ -244,9 +250,7 @@ def test_start_supernode_script_with_fork_runs_a_round(tmp_path: Path) -> None:
             "--partition-id", "0", "--num-partitions", "1",
         ], log_path=tmp_path / "script-node.log", env=env, cwd=tmp_path)
         fed.wait_online(1, timeout=120.0)
-        result = fed.run(REPO, {"num-server-rounds": 1, "clients-per-round": 1,
-                                "min-clients": 1, "model": "logreg", "local-epochs": 1,
-                                "round-timeout": 300.0, "out-dir": str(out)}, timeout=500)
+        result = fed.run(REPO, _small_run(out, nodes=1, rounds=1), timeout=500)
         assert result.status == "finished:completed", result.log[-3000:]
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r.get("num-kept") for r in rows] == [None, 1]
