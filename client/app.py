@@ -87,6 +87,8 @@ def handle_train(msg: Message, context: Context) -> Message:
             derive_seed(cfg.seed, "pgd", client.pid, "round", server_round)))
     extra: dict[str, float] = {}
     if cfg.dp_sgd:
+        # RunConfig refuses dp-sgd with batch-order='hashed': Poisson sampling needs a generator
+        assert isinstance(client.generator, torch.Generator)
         train_loss, extra["dp-epsilon"] = _train_dp_sgd(
             model, client.x, client.y, cfg, settings, context, device=device,
             generator=client.generator, loss_fn=loss_fn,

@@ -34,7 +34,6 @@ statistics), and DP-SGD.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -42,12 +41,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
-from .train import TrainSettings, batches
+from .order import BatchSource, draw_permutations
+from .train import TrainSettings
 
 __all__ = [
     "ADAM_BETAS",
     "ADAM_EPS",
     "Schedule",
+    "StackedData",
     "StackedLoss",
     "client_batches",
     "cross_entropy_loss",
@@ -162,7 +163,7 @@ def stack_parameters(model: nn.Module, k: int, *, device: torch.device | None = 
     }
 
 
-def client_batches(n: int, settings: TrainSettings, *, generator: torch.Generator) -> list[Tensor]:
+def client_batches(n: int, settings: TrainSettings, *, generator: BatchSource) -> list[Tensor]:
     """One client's batches over all its epochs, drawn exactly as ``local_train`` draws them.
 
     ``local_train`` first draws the seed of its dropout RNG, then one permutation of
@@ -181,26 +182,31 @@ def client_batches(n: int, settings: TrainSettings, *, generator: torch.Generato
     """
     if n < 1:
         raise ValueError("cannot train on an empty partition: give this client some data")
-    int(torch.randint(0, 2**62, (1,), generator=generator))  # local_train's dropout seed
-    out: list[Tensor] = []
-    for _ in range(settings.epochs):
-        out.extend(batches(n, settings.batch_size, generator=generator))
-    return out
+    perms = draw_permutations([generator], [n], settings.epochs)
+    return [b for perm in torch.split(perms, n) for b in torch.split(perm, settings.batch_size)]
 
 
-def _client_rows(n: int, offset: int, settings: TrainSettings,
-                 generator: torch.Generator) -> list[list[int]]:
-    """:func:`client_batches` shifted by ``offset``, as lists: the same draws, the same
-    rows, without a tensor per batch (a thousand clients' schedules in a round)."""
-    if n < 1:
-        raise ValueError("cannot train on an empty partition: give this client some data")
-    torch.randint(0, 2**62, (1,), generator=generator)  # local_train's dropout seed
-    out: list[list[int]] = []
-    bs = settings.batch_size
-    for _ in range(settings.epochs):
-        perm = torch.randperm(n, generator=generator).add_(offset).tolist()
-        out.extend(perm[i:i + bs] for i in range(0, n, bs))
-    return out
+@dataclass(frozen=True)
+class StackedData:
+    """K clients' data, concatenated: client ``k``'s examples are rows ``offset_k ..
+    offset_k + sizes[k] - 1`` of ``x (N, ...)`` and ``y (N,)``, ``offset_k = sum(sizes[:k])``.
+
+    Raises
+    ------
+    ValueError
+        Rows of ``x`` and ``y`` that disagree, or sizes that do not sum to them.
+    """
+
+    x: Tensor
+    y: Tensor
+    sizes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.x.shape[0] != self.y.shape[0] or self.x.shape[0] != sum(self.sizes):
+            raise ValueError(
+                f"x has {self.x.shape[0]} rows, y {self.y.shape[0]}, the sizes sum to "
+                f"{sum(self.sizes)}: they must agree"
+            )
 
 
 @dataclass(frozen=True)
@@ -222,6 +228,9 @@ class Schedule:
     last_epoch
         Per step: ``(A_s,)`` bool, whether the step is in that client's last epoch (the
         reported train loss averages those).
+    identity
+        Whether ``order`` is ``0..K-1`` (every client makes as many steps as the one before
+        it): the stack needs no reordering.
     """
 
     order: Tensor
@@ -229,55 +238,75 @@ class Schedule:
     weights: tuple[Tensor, ...]
     counts: tuple[Tensor, ...]
     last_epoch: tuple[Tensor, ...]
+    identity: bool = False
 
 
 def make_schedule(
-    sizes: Sequence[int], settings: TrainSettings, generators: Sequence[torch.Generator]
+    sizes: Sequence[int], settings: TrainSettings, generators: Sequence[BatchSource]
 ) -> Schedule:
     """The step plan of K clients with ``sizes[k]`` examples each, data concatenated in order.
 
     Client ``k``'s rows in the concatenated data are ``offset_k + i`` with ``offset_k =
-    sum(sizes[:k])``; its batches come from :func:`client_batches` with ``generators[k]``.
+    sum(sizes[:k])``; its batches are :func:`client_batches`' with ``generators[k]`` (the
+    same draws, in the same order). Only the draws are made client by client; the plan is
+    built with a few tensor operations per step, whatever K.
     """
     if len(sizes) != len(generators) or not sizes:
         raise ValueError(
             f"make_schedule needs one generator per client and at least one client, got "
             f"{len(sizes)} sizes and {len(generators)} generators"
         )
-    offsets = [0]
-    for n in sizes[:-1]:
-        offsets.append(offsets[-1] + n)
-    # plain lists: K clients x a few rows each is cheaper in Python than as small tensors
-    plans = [_client_rows(n, off, settings, g)
-             for n, g, off in zip(sizes, generators, offsets, strict=True)]
-    per_epoch = [math.ceil(n / settings.batch_size) for n in sizes]
-    order = sorted(range(len(sizes)), key=lambda k: -len(plans[k]))  # stable
-    num_steps = [len(plans[k]) for k in order]  # non-increasing
+    if min(sizes) < 1:
+        raise ValueError("cannot train on an empty partition: give this client some data")
+    epochs, bs = settings.epochs, settings.batch_size
+    drawn = draw_permutations(generators, sizes, epochs)
+    k = len(sizes)
+    n = torch.tensor(sizes, dtype=torch.int64)  # (K,)
+    per_epoch = torch.div(n + bs - 1, bs, rounding_mode="floor")
+    steps = per_epoch * epochs
+    order = torch.sort(-steps, stable=True).indices  # most steps first, ties in client order
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(k)
+    # every drawn index, client-major then epoch: its client, its place j in its epoch
+    seg = n.repeat_interleave(epochs)  # (K*E,) length of each permutation
+    total = int(seg.sum())
+    client = torch.arange(k).repeat_interleave(epochs * n)
+    start = torch.cumsum(seg, 0) - seg
+    j = torch.arange(total) - start.repeat_interleave(seg)
+    epoch = torch.arange(epochs).repeat(k).repeat_interleave(seg)
+    offsets = torch.cumsum(n, 0) - n
+    row = drawn + offsets[client]
+    step = epoch * per_epoch[client] + torch.div(j, bs, rounding_mode="floor")
+    col = j % bs
+    by_step = torch.sort(step, stable=True).indices
+    bounds = torch.bincount(step, minlength=int(steps.max())).cumsum(0).tolist()
+    n_o, per_epoch_o, steps_o = n[order], per_epoch[order], steps[order]
+    active_counts = (steps_o.unsqueeze(0) > torch.arange(len(bounds)).unsqueeze(1)).sum(1)
     rows, weights, counts, last = [], [], [], []
-    active = len(order)
-    for s in range(num_steps[0]):
-        while num_steps[active - 1] <= s:  # the clients that step form a prefix of order
-            active -= 1
-        batch = [plans[k][s] for k in order[:active]]
-        lens = torch.tensor([len(b) for b in batch], dtype=torch.int64)
+    lo = 0
+    for s, (hi, a) in enumerate(zip(bounds, active_counts.tolist(), strict=True)):
+        lens = torch.clamp(n_o[:a] - (s % per_epoch_o[:a]) * bs, max=bs)  # (A,)
         width = int(lens.max())
-        rows.append(torch.tensor([b + [0] * (width - len(b)) for b in batch], dtype=torch.int64))
+        idx = by_step[lo:hi]
+        r = torch.zeros((a, width), dtype=torch.int64)
+        r[pos[client[idx]], col[idx]] = row[idx]
+        rows.append(r)
         real = torch.arange(width).unsqueeze(0) < lens.unsqueeze(1)  # (A, B)
         weights.append(real.float() / lens.unsqueeze(1).float())
         counts.append(lens.double())
-        last.append(torch.tensor([s >= (settings.epochs - 1) * per_epoch[k]
-                                  for k in order[:active]]))
-    return Schedule(torch.tensor(order, dtype=torch.int64), tuple(rows), tuple(weights),
-                    tuple(counts), tuple(last))
+        last.append(s >= (epochs - 1) * per_epoch_o[:a])
+        lo = hi
+    return Schedule(order, tuple(rows), tuple(weights), tuple(counts), tuple(last),
+                    identity=bool(torch.equal(order, torch.arange(k))))
 
 
 def local_train_stacked(
     model: nn.Module,
     params: Mapping[str, Tensor],
-    data: Sequence[tuple[Tensor, Tensor]],
+    data: Sequence[tuple[Tensor, Tensor]] | StackedData,
     settings: TrainSettings,
     *,
-    generators: Sequence[torch.Generator],
+    generators: Sequence[BatchSource],
     device: torch.device | None = None,
     loss: StackedLoss = cross_entropy_loss,
     perturb: Perturb | None = None,
@@ -292,11 +321,13 @@ def local_train_stacked(
         ``name -> (K, *shape)``: client ``k``'s starting parameters at index ``k``
         (:func:`stack_parameters`); not changed.
     data
-        K pairs ``(x_k (N_k, ...), y_k (N_k,))``, ``N_k >= 1``; sizes may differ.
+        K pairs ``(x_k (N_k, ...), y_k (N_k,))``, ``N_k >= 1``; sizes may differ. Or the
+        same concatenated (:class:`StackedData`).
     settings
         Epochs, batch size, optimizer (SGD with momentum and weight decay, or Adam).
     generators
-        K CPU generators, client ``k``'s batch order (as ``local_train``'s ``generator``).
+        K batch-order sources (CPU generators or :class:`~client.order.HashedOrder`),
+        client ``k``'s (as ``local_train``'s ``generator``).
     device
         Where to train; default the parameters' device.
     loss
@@ -330,7 +361,15 @@ def local_train_stacked(
     >>> p["weight"].shape, loss.shape
     (torch.Size([3, 2, 4]), torch.Size([3]))
     """
-    k = len(data)
+    if isinstance(data, StackedData):
+        sizes, x_all, y_all = list(data.sizes), data.x, data.y
+    else:
+        for i, (x, y) in enumerate(data):
+            if x.shape[0] != y.shape[0]:
+                raise ValueError(f"client {i}: x has {x.shape[0]} rows but y has {y.shape[0]}")
+        sizes = [int(x.shape[0]) for x, _ in data]
+        x_all, y_all = torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])
+    k = len(sizes)
     names = [n for n, _ in model.named_parameters()]
     if sorted(params) != sorted(names):
         raise ValueError(f"params has keys {sorted(params)}, the model's are {sorted(names)}")
@@ -340,15 +379,15 @@ def local_train_stacked(
                 f"params[{name!r}] has shape {tuple(params[name].shape)}, expected "
                 f"{(k, *p.shape)} (K={k} clients stacked on the model's {tuple(p.shape)})"
             )
-    for i, (x, y) in enumerate(data):
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"client {i}: x has {x.shape[0]} rows but y has {y.shape[0]}")
     device = device if device is not None else next(iter(params.values())).device
-    plan = make_schedule([int(x.shape[0]) for x, _ in data], settings, generators)
+    plan = make_schedule(sizes, settings, generators)
     order = plan.order.to(device)
-    stacked = {n: params[n].to(device).index_select(0, order) for n in names}  # new tensors
-    x_all = torch.cat([x for x, _ in data]).to(device)
-    y_all = torch.cat([y for _, y in data]).to(device)
+    # the first step writes new tensors (_optimizer_step), so the caller's are never changed
+    # and need no copy here; expanded views (one model for all K) are fine
+    stacked = {n: params[n].to(device) for n in names}
+    if not plan.identity:
+        stacked = {n: t.index_select(0, order) for n, t in stacked.items()}
+    x_all, y_all = x_all.to(device), y_all.to(device)
     step = vmap(grad_and_value(lambda p, x, y, w: loss(model, p, x, y, w)))
     state: dict[str, Params] = {}
     total = torch.zeros(k, dtype=torch.float64, device=device)
@@ -356,43 +395,55 @@ def local_train_stacked(
     for s, rows in enumerate(plan.rows):
         a = rows.shape[0]
         rows_d = rows.to(device)
-        active = {n: t[:a] for n, t in stacked.items()}
+        active = stacked if a == k else {n: t[:a] for n, t in stacked.items()}
         xb, yb, wb = x_all[rows_d], y_all[rows_d], plan.weights[s].to(device)
         if perturb is not None:  # e.g. PGD: the inputs the loss sees this step
             xb = perturb(model, active, xb, yb, wb, plan.order[:a].tolist())
         grads, values = step(active, xb, yb, wb)
-        _optimizer_step(settings, active, grads, state, step=s + 1)
+        if s == 0:  # every client steps at step 1: new tensors for all K
+            stacked = _optimizer_step(settings, active, grads, state, step=1)
+        else:
+            _optimizer_step(settings, active, grads, state, step=s + 1)
         last = plan.last_epoch[s].to(device)
         counts = plan.counts[s].to(device)
         total[:a] += torch.where(last, values.detach().double() * counts, 0.0)
         count[:a] += torch.where(last, counts, 0.0)
+    loss_k = total / count
+    if plan.identity:
+        return stacked, loss_k
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(k, device=device)
     out = {n: t.index_select(0, inverse) for n, t in stacked.items()}
-    return out, (total / count).index_select(0, inverse)
+    return out, loss_k.index_select(0, inverse)
 
 
 def _optimizer_step(
     settings: TrainSettings, params: Params, grads: Params, state: dict[str, Params], *,
     step: int,
-) -> None:
+) -> Params:
     """One step of ``torch.optim.SGD`` / ``Adam`` (single-tensor path) on the first ``A``
-    rows of the stacked state, in place; ``step`` counts from 1 and is every row's."""
+    rows of the stacked state; ``step`` counts from 1 and is every row's.
+
+    Step 1 (every client steps) writes the new parameters to new tensors and returns them
+    (``params`` may be views of the caller's, even one model expanded K times); later steps
+    update ``params`` in place and return it. The arithmetic is the optimizer's either way.
+    """
     lr, wd = settings.lr, settings.weight_decay
+    out: Params = {}
     if settings.optimizer == "sgd":
         bufs = state.setdefault("momentum", {})
         for name, p in params.items():
-            g = grads[name]
+            g = grads[name]  # a new tensor per step (vmap's gradient), not aliased
             if wd != 0:
                 g = g.add(p, alpha=wd)
             if settings.momentum != 0:
-                if step == 1:  # every client steps at step 1
-                    bufs[name] = g.detach().clone()
+                if step == 1:
+                    bufs[name] = g.detach()
                     g = bufs[name]
                 else:
                     g = bufs[name][: p.shape[0]].mul_(settings.momentum).add_(g, alpha=1)
-            p.add_(g, alpha=-lr)
-        return
+            out[name] = torch.add(p, g, alpha=-lr) if step == 1 else p.add_(g, alpha=-lr)
+        return out
     beta1, beta2 = ADAM_BETAS
     m_all, v_all = state.setdefault("exp_avg", {}), state.setdefault("exp_avg_sq", {})
     bias_correction1 = 1 - beta1**step
@@ -402,11 +453,13 @@ def _optimizer_step(
     for name, p in params.items():
         g = grads[name]
         if step == 1:
-            m_all[name], v_all[name] = torch.zeros_like(p), torch.zeros_like(p)
+            m_all[name], v_all[name] = torch.zeros_like(g), torch.zeros_like(g)
         m, v = m_all[name][: p.shape[0]], v_all[name][: p.shape[0]]
         if wd != 0:
             g = g.add(p, alpha=wd)
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = (v.sqrt() / bias_correction2_sqrt).add_(ADAM_EPS)
-        p.addcdiv_(m, denom, value=-step_size)
+        out[name] = (torch.addcdiv(p, m, denom, value=-step_size) if step == 1
+                     else p.addcdiv_(m, denom, value=-step_size))
+    return out

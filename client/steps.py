@@ -27,8 +27,12 @@ from .malicious import (
     poison_data,
     reported_examples,
 )
+from .order import BatchSource, HashedOrder, hashed_round_seed
 
-__all__ = ["ClientData", "client_role", "finish_state", "prepare_client", "reply_metrics"]
+__all__ = [
+    "ClientData", "client_role", "finish_state", "prepare_client", "reply_metrics",
+    "train_generator",
+]
 
 
 def client_role(cfg: RunConfig, node_config: Mapping[str, Scalar]) -> MaliciousRole:
@@ -51,7 +55,7 @@ class ClientData:
     role: MaliciousRole
     x: Tensor
     y: Tensor
-    generator: torch.Generator
+    generator: BatchSource
 
 
 def prepare_client(
@@ -71,8 +75,15 @@ def prepare_client(
             num_attackers=len(attackers),
             generator=make_generator(derive_seed(cfg.seed, "poison", pid, "round", server_round)),
         )
-    gen = make_generator(derive_seed(cfg.seed, "train", pid, "round", server_round))
-    return ClientData(pid, role, x, y, gen)
+    return ClientData(pid, role, x, y, train_generator(cfg, pid, server_round))
+
+
+def train_generator(cfg: RunConfig, pid: int, server_round: int) -> BatchSource:
+    """Where partition ``pid``'s batch order in ``server_round`` comes from
+    (``batch-order``): its generator, or its :class:`~client.order.HashedOrder`."""
+    if cfg.batch_order == "hashed":
+        return HashedOrder(hashed_round_seed(cfg.seed, server_round), pid)
+    return make_generator(derive_seed(cfg.seed, "train", pid, "round", server_round))
 
 
 def finish_state(

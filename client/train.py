@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from .order import BatchSource, HashedOrder, hashed_permutations
 
 __all__ = [
     "OPTIMIZERS",
@@ -106,7 +108,7 @@ def local_train(
     settings: TrainSettings,
     *,
     device: torch.device,
-    generator: torch.Generator,
+    generator: BatchSource,
     loss_fn: LossFn | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place for ``settings.epochs`` epochs on ``(x, y)``.
@@ -122,7 +124,9 @@ def local_train(
     device
         Where to train (see :func:`resolve_device`).
     generator
-        CPU generator for the batch order; training is reproducible given it.
+        Where the batch order comes from (``batch-order``, :mod:`client.order`): a CPU
+        generator, or a :class:`~client.order.HashedOrder`; training is reproducible
+        given it.
     loss_fn
         ``loss_fn(model, x_batch, y_batch) -> scalar``; cross-entropy by default
         (adversarial training plugs in here).
@@ -147,23 +151,31 @@ def local_train(
     optimizer = settings.make_optimizer(model.parameters())
     # dropout and other in-model randomness draw from the global RNG: fork it and seed it
     # from this client's generator so the run is reproducible and leaves no trace
-    rng_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    if isinstance(generator, HashedOrder):
+        rng_seed = generator.dropout_seed()
+        perms: Iterable[Tensor] = torch.split(hashed_permutations(
+            generator.seed, [generator.client], [x.shape[0]], settings.epochs), x.shape[0])
+    else:
+        rng_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        gen = generator
+        # one permutation per epoch, drawn when the epoch starts
+        perms = (torch.randperm(x.shape[0], generator=gen) for _ in range(settings.epochs))
     cuda_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(rng_seed)
-        return _epochs(model, x, y, settings, optimizer, device, generator, loss_fn)
+        return _epochs(model, x, y, settings, optimizer, device, perms, loss_fn)
 
 
 def _epochs(
     model: nn.Module, x: Tensor, y: Tensor, settings: TrainSettings,
-    optimizer: torch.optim.Optimizer, device: torch.device, generator: torch.Generator,
+    optimizer: torch.optim.Optimizer, device: torch.device, perms: Iterable[Tensor],
     loss_fn: LossFn,
 ) -> dict[str, float]:
     steps = 0
     last_epoch_loss = 0.0
-    for _ in range(settings.epochs):
+    for perm in perms:
         total, count = 0.0, 0
-        for idx in batches(x.shape[0], settings.batch_size, generator=generator):
+        for idx in torch.split(perm, settings.batch_size):
             xb = x[idx].to(device, non_blocking=True)
             yb = y[idx].to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 from .spec import Spec, parse_params, parse_spec, parse_specs
 
-__all__ = ["APP_KEYS", "ATTACK_KNOWLEDGE", "ENGINES", "RunConfig", "Scalar", "check_engine",
+__all__ = ["APP_KEYS", "ATTACK_KNOWLEDGE", "BATCH_ORDERS", "ENGINES", "RunConfig", "Scalar", "check_engine",
            "config_value"]
 
 Scalar = bool | int | float | str
@@ -54,6 +54,7 @@ APP_KEYS: dict[str, Scalar] = {
     "optimizer": "sgd",
     "momentum": 0.0,
     "weight-decay": 0.0,
+    "batch-order": "generator",
     "device": "auto",
     # privacy and robustness defenses ("" = off; else key=value parameters)
     "central-dp": "",
@@ -78,6 +79,8 @@ APP_KEYS: dict[str, Scalar] = {
 }
 
 ATTACK_KNOWLEDGE = ("omniscient", "own-data")
+BATCH_ORDERS = ("generator", "hashed")
+"""How a client's batch order is drawn (``batch-order``, :mod:`client.order`)."""
 # How the in-process engine runs a round's clients (its key ``engine``, not an app key: a
 # deployment's clients are separate processes): one ClientApp call per node, or all the
 # sampled clients trained as one batched computation (simulations/batched.py).
@@ -229,6 +232,7 @@ class RunConfig:
     optimizer: str
     momentum: float
     weight_decay: float
+    batch_order: str
     device: str
     central_dp: Mapping[str, Any]
     dp_sgd: Mapping[str, Any]
@@ -295,6 +299,7 @@ class RunConfig:
             optimizer=get("optimizer"),
             momentum=get("momentum"),
             weight_decay=get("weight-decay"),
+            batch_order=get("batch-order"),
             device=get("device"),
             central_dp=parse_params(get("central-dp"), what="central-dp"),
             dp_sgd=_options(cfg, "dp-sgd", DP_SGD_KEYS),
@@ -328,6 +333,16 @@ class RunConfig:
             raise ValueError(f"clients-per-round must be >= 0, got {self.clients_per_round}")
         if self.min_clients < 0:
             raise ValueError(f"min-clients must be >= 0, got {self.min_clients}")
+        if self.batch_order not in BATCH_ORDERS:
+            raise ValueError(
+                f"batch-order must be one of {', '.join(BATCH_ORDERS)}, got "
+                f"{self.batch_order!r}: 'generator' draws each client's order from its own "
+                "torch.Generator, 'hashed' from a hash (fast for thousands of clients)")
+        if self.batch_order == "hashed" and self.dp_sgd:
+            raise ValueError(
+                "batch-order='hashed' shuffles each epoch, but dp-sgd samples its batches "
+                "(Poisson sampling, which its privacy accounting assumes) from a generator: "
+                "use batch-order='generator' with dp-sgd")
         if self.resume and not self.out_dir:
             raise ValueError(
                 "resume=true needs out-dir: the folder whose checkpoint the run continues "

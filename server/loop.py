@@ -26,7 +26,7 @@ from .rounds import (
     Payload,
     Rejection,
     RoundOutcome,
-    decode_train_reply,
+    decode_train_replies,
     round_info,
     rule_rejections,
     stack_updates,
@@ -275,7 +275,7 @@ def _exchange(fed: Federation, transport: Transport, rnd: Round, run: RunState) 
     else:
         raw = transport.send("train", {n: payload for n in rnd.sampled},
                              timeout=fed.plan.round_timeout)
-    replies = [decode_train_reply(r) for r in raw]
+    replies = decode_train_replies(raw)
     rnd.replies = tuple(replies)
     return replies
 

@@ -54,14 +54,19 @@ def safe_text(text: str, limit: int = MAX_TEXT) -> str:
     return head[:limit] + f"... [cut, {len(text)} characters in all]"
 
 
+_PLAIN = (int, float, bool, type(None))
+
+
 def _safe(obj: Any) -> Any:
     """``obj`` with every string (keys too) passed through :func:`safe_text`."""
+    if type(obj) in _PLAIN:  # the bulk of a report (a thousand clients' ids): as it is
+        return obj
     if isinstance(obj, str):
         return safe_text(obj)
     if isinstance(obj, Mapping):
-        return {safe_text(str(k)): _safe(v) for k, v in obj.items()}
+        return {safe_text(str(k)): v if type(v) in _PLAIN else _safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
-        return [_safe(v) for v in obj]
+        return [v if type(v) in _PLAIN else _safe(v) for v in obj]
     return obj
 
 

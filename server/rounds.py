@@ -10,9 +10,10 @@ tests and tools. No maths lives here: the rule comes from ``aggregation``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +28,15 @@ __all__ = [
     "Payload",
     "Rejection",
     "Reply",
+    "ReplyBlock",
     "RoundOutcome",
+    "StackRow",
+    "StackedArrays",
     "UpdateHook",
     "aggregate_round",
+    "decode_train_replies",
     "decode_train_reply",
+    "expand_replies",
     "stack_updates",
     "validate_replies",
 ]
@@ -82,21 +88,42 @@ class ModelSpec:
 
     def check(self, state: Mapping[str, Tensor]) -> str | None:
         """Why ``state`` does not fit the spec, or ``None`` when it does."""
+        if isinstance(state, StackRow):  # checked with its stack, once for all rows
+            return state.stack.problems(self)[state.i]
+        reason = self.check_keys(state)
+        if reason is not None:
+            return reason
+        for k, shape, dtype in zip(self.keys, self.shapes, self.dtypes, strict=True):
+            t = state[k]
+            reason = _array_problem(k, t.dtype, tuple(t.shape), dtype, shape)
+            if reason is None and not _all_finite(t):
+                reason = f"array {k!r} contains NaN or Inf"
+            if reason is not None:
+                return reason
+        return None
+
+    def check_keys(self, state: Mapping[str, Any]) -> str | None:
+        """Why the names of ``state``'s entries do not fit the spec, or ``None``."""
         missing = [k for k in self.keys if k not in state]
         if missing:
             return f"missing arrays {missing[:5]}"
         extra = sorted(set(state) - set(self.keys) - set(self.other_keys))
         if extra:
             return f"unexpected arrays {extra[:5]}"
-        for k, shape, dtype in zip(self.keys, self.shapes, self.dtypes, strict=True):
-            t = state[k]
-            if t.dtype != dtype:  # float64 for float32 would overflow the model silently
-                return f"array {k!r} has dtype {t.dtype}, expected {dtype}"
-            if tuple(t.shape) != shape:
-                return f"array {k!r} has shape {tuple(t.shape)}, expected {shape}"
-            if not _all_finite(t):
-                return f"array {k!r} contains NaN or Inf"
         return None
+
+
+
+def _array_problem(
+    key: str, dtype: torch.dtype, shape: tuple[int, ...], want_dtype: torch.dtype,
+    want_shape: tuple[int, ...],
+) -> str | None:
+    """Why an entry ``key`` of this dtype and shape is not the spec's, or ``None``."""
+    if dtype != want_dtype:  # float64 for float32 would overflow the model silently
+        return f"array {key!r} has dtype {dtype}, expected {want_dtype}"
+    if shape != want_shape:
+        return f"array {key!r} has shape {shape}, expected {want_shape}"
+    return None
 
 
 def _all_finite(t: Tensor) -> bool:
@@ -135,6 +162,131 @@ class Reply:
     metrics: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     error: str | None = None
+
+
+class StackedArrays:
+    """The arrays of K replies, stacked: ``name -> (K, *shape)`` (one ``ArrayRecord`` each).
+
+    What the batched engine's training produces (:mod:`simulations.batched`); the rows are
+    checked (:func:`validate_replies`) and stacked (:func:`stack_updates`) with one tensor
+    operation per entry for all K, not one per reply. The tensors are read, never changed.
+
+    Raises
+    ------
+    ValueError
+        No entries, or entries that disagree on K.
+    """
+
+    __slots__ = ("arrays", "k", "_problems")
+
+    def __init__(self, arrays: Mapping[str, Tensor]) -> None:
+        ks = {int(t.shape[0]) if t.dim() else -1 for t in arrays.values()}
+        if len(ks) != 1 or -1 in ks:
+            raise ValueError(
+                f"stacked arrays need one leading client axis of the same length K, got "
+                f"{ {k: tuple(t.shape) for k, t in arrays.items()} }")
+        self.arrays = dict(arrays)
+        self.k = ks.pop()
+        self._problems: dict[ModelSpec, list[str | None]] = {}
+
+    def row(self, i: int) -> StackRow:
+        return StackRow(self, i)
+
+    def problems(self, spec: ModelSpec) -> list[str | None]:
+        """For each row, what :meth:`ModelSpec.check` says of it (computed once per spec)."""
+        out = self._problems.get(spec)
+        if out is None:
+            out = self._problems[spec] = self._check(spec)
+        return out
+
+    def _check(self, spec: ModelSpec) -> list[str | None]:
+        reason = spec.check_keys(self.arrays)
+        out: list[str | None] = [reason] * self.k
+        if reason is not None:
+            return out
+        for key, shape, dtype in zip(spec.keys, spec.shapes, spec.dtypes, strict=True):
+            t = self.arrays[key]
+            reason = _array_problem(key, t.dtype, tuple(t.shape[1:]), dtype, shape)
+            if reason is not None:  # every row fails here (those still fine)
+                return [r if r is not None else reason for r in out]
+            if t.numel() == 0:
+                continue
+            rows = t.reshape(self.k, -1)
+            # a finite row sum means no NaN or Inf in the row (both propagate through a
+            # sum); a sum that is not finite may be an overflow of finite entries: those
+            # rows are checked entry by entry
+            maybe = (~rows.sum(1).isfinite()).nonzero().flatten().tolist()
+            for i in maybe:
+                if out[i] is None and not _all_finite(rows[i]):
+                    out[i] = f"array {key!r} contains NaN or Inf"
+        return out
+
+
+class StackRow(Mapping[str, Tensor]):
+    """Row ``i`` of a :class:`StackedArrays`: one reply's arrays, read as a mapping."""
+
+    __slots__ = ("stack", "i")
+
+    def __init__(self, stack: StackedArrays, i: int) -> None:
+        if not 0 <= i < stack.k:
+            raise IndexError(f"row {i} of a stack of {stack.k}")
+        self.stack = stack
+        self.i = i
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.stack.arrays[key][self.i]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.stack.arrays)
+
+    def __len__(self) -> int:
+        return len(self.stack.arrays)
+
+
+@dataclass(frozen=True)
+class ReplyBlock:
+    """Train replies of several nodes at once, whose arrays are rows of one stack.
+
+    ``node_ids[j]``'s reply holds the arrays ``stack.row(rows[j])`` and the metrics
+    ``{key: metrics[key][j]}`` (one ``MetricRecord``, as columns). A transport that trains
+    clients together (the batched engine) returns these; :func:`decode_train_replies`
+    checks them as it checks one reply each, with one operation per column.
+
+    Raises
+    ------
+    ValueError
+        ``node_ids``, ``rows`` and the metric columns of different lengths.
+    """
+
+    node_ids: tuple[int, ...]
+    stack: StackedArrays
+    rows: tuple[int, ...]
+    metrics: Mapping[str, Sequence[Any]]
+
+    def __post_init__(self) -> None:
+        n = len(self.node_ids)
+        lens = {len(self.rows), *(len(v) for v in self.metrics.values())}
+        if lens != {n}:
+            raise ValueError(
+                f"a reply block of {n} nodes needs {n} rows and {n} values per metric, got "
+                f"{len(self.rows)} rows and {({k: len(v) for k, v in self.metrics.items()})}")
+
+    def replies(self) -> list[Reply]:
+        """The block as one :class:`Reply` per node, in order."""
+        keys = list(self.metrics)
+        return [
+            Reply(node, arrays={"arrays": self.stack.row(r)},
+                  metrics={"metrics": {k: self.metrics[k][j] for k in keys}})
+            for j, (node, r) in enumerate(zip(self.node_ids, self.rows, strict=True))
+        ]
+
+
+def expand_replies(replies: Sequence[Reply | ReplyBlock]) -> list[Reply]:
+    """Every reply of ``replies`` as a :class:`Reply`, blocks expanded, order kept."""
+    out: list[Reply] = []
+    for r in replies:
+        out.extend(r.replies() if isinstance(r, ReplyBlock) else (r,))
+    return out
 
 
 @dataclass(frozen=True)
@@ -270,6 +422,72 @@ def decode_train_reply(reply: Reply) -> ClientReply:
     return ClientReply(node, next(iter(reply.arrays.values())), float(n_ex), pid, m)
 
 
+def decode_train_replies(replies: Sequence[Reply | ReplyBlock]) -> list[ClientReply]:
+    """:func:`decode_train_reply` of every reply, blocks row by row; order kept.
+
+    A block's metric columns are checked with one tensor operation each; a row they flag
+    gets :func:`decode_train_reply`'s reason from the same check made on that row alone.
+    """
+    out: list[ClientReply] = []
+    for r in replies:
+        if isinstance(r, ReplyBlock):
+            out.extend(_decode_block(r))
+        else:
+            out.append(decode_train_reply(r))
+    return out
+
+
+def _decode_block(block: ReplyBlock) -> list[ClientReply]:
+    cols = block.metrics
+    keys = list(cols)
+    suspect = _suspect_rows(cols, len(block.node_ids))
+    ex = cols.get("num-examples")
+    pids = cols.get("partition-id")
+    stack = block.stack
+    # ReplyBlock checked that every column has one value per node
+    rows = (zip(*cols.values(), strict=True) if keys
+            else itertools.repeat((), len(block.node_ids)))
+    if ex is not None and suspect is not None and not suspect:  # the common case, at once
+        pid_col = pids if pids is not None else [-1] * len(block.node_ids)
+        return [
+            ClientReply(node, StackRow(stack, row), float(e), int(p),
+                        dict(zip(keys, values, strict=True)))
+            for node, row, values, e, p in zip(block.node_ids, block.rows, rows, ex, pid_col,
+                                               strict=True)
+        ]
+    out = []
+    for j, (node, row, values) in enumerate(zip(block.node_ids, block.rows, rows, strict=True)):
+        m = dict(zip(keys, values, strict=True))
+        if ex is None or suspect is None or j in suspect:  # the one-reply path says why
+            out.append(decode_train_reply(Reply(node, arrays={"arrays": stack.row(row)},
+                                                metrics={"metrics": m})))
+            continue
+        out.append(ClientReply(node, StackRow(stack, row), float(ex[j]),
+                               int(pids[j]) if pids is not None else -1, m))
+    return out
+
+
+def _suspect_rows(cols: Mapping[str, Sequence[Any]], n: int) -> set[int] | None:
+    """Rows whose metrics :func:`_bad_metrics` may refuse (a superset), or ``None`` when a
+    column is not all numbers (then every row is checked alone)."""
+    suspect: set[int] = set()
+    for key, (low, high, integer) in _METRIC_RANGES.items():
+        col = cols.get(key)
+        if col is None:
+            continue
+        kinds = set(map(type, col))
+        if not kinds <= {int, float}:  # bool, str, numpy scalars: each row alone
+            return None
+        if int in kinds and not -(2**62) <= min(col) <= max(col) <= 2**62:
+            return None  # beyond what float64 holds exactly enough to judge
+        t = torch.tensor(col, dtype=torch.float64)
+        bad = t.isnan() | (t < low) | (t > high)
+        if integer:
+            bad |= ~t.isfinite() | (t != t.trunc())
+        suspect.update(bad.nonzero().flatten().tolist())
+    return suspect
+
+
 def validate_replies(
     replies: Sequence[ClientReply], spec: ModelSpec
 ) -> tuple[list[ClientReply], list[Rejection]]:
@@ -400,6 +618,59 @@ def stack_updates(
     to large weights.
     """
     g = global_flat.to(torch.float64)  # no copy when it is already float64, as it should be
+    n = len(accepted)
+    updates = torch.empty((n, g.numel()), dtype=torch.float64, device=g.device)
+    # rows of a stack (the batched engine's replies) go a stack at a time: one subtraction
+    # per entry for all of them; the other replies one by one (below)
+    stacks: dict[int, tuple[StackedArrays, list[int], list[int]]] = {}
+    single: list[int] = []
+    for i, r in enumerate(accepted):
+        assert r.state is not None  # validate_replies accepted it
+        if isinstance(r.state, StackRow):
+            entry = stacks.setdefault(id(r.state.stack), (r.state.stack, [], []))
+            entry[1].append(i)
+            entry[2].append(r.state.i)
+        else:
+            single.append(i)
+    for stack, positions, rows in stacks.values():
+        _stack_rows(updates, positions, stack, rows, g, spec)
+    if len(single) == n:
+        _stack_states(updates, [accepted[i].state for i in single], g, spec)  # type: ignore[misc]
+    elif single:  # a mix: the single replies in a buffer of their own, then in place
+        part = torch.empty((len(single), g.numel()), dtype=torch.float64, device=g.device)
+        _stack_states(part, [accepted[i].state for i in single], g, spec)  # type: ignore[misc]
+        updates[torch.tensor(single, device=g.device)] = part
+    weights = torch.tensor(
+        [float(r.num_examples) for r in accepted], dtype=updates.dtype, device=g.device  # type: ignore[arg-type]
+    )
+    return updates, weights
+
+
+def _stack_rows(
+    updates: Tensor, positions: list[int], stack: StackedArrays, rows: list[int], g: Tensor,
+    spec: ModelSpec,
+) -> None:
+    """``updates[positions[j]] = float64(stack row rows[j]) - g``, an entry at a time."""
+    everything = positions == list(range(updates.shape[0]))
+    same_rows = rows == list(range(stack.k))
+    pos_t = None if everything else torch.tensor(positions, device=g.device)
+    rows_t = None if same_rows else torch.tensor(rows, device=stack.arrays[spec.keys[0]].device)
+    lo = 0
+    for k, size in zip(spec.keys, spec.sizes, strict=True):
+        hi = lo + size
+        src = stack.arrays[k].reshape(stack.k, -1)
+        src = _on(src if rows_t is None else src.index_select(0, rows_t), g.device)
+        if pos_t is None:
+            torch.sub(src, g[lo:hi], out=updates[:, lo:hi])
+        else:
+            updates[pos_t, lo:hi] = torch.sub(src, g[lo:hi])
+        lo = hi
+
+
+def _stack_states(
+    updates: Tensor, states: Sequence[Mapping[str, Tensor]], g: Tensor, spec: ModelSpec
+) -> None:
+    """``updates[i] = float64(flat(states[i])) - g`` for every ``i``."""
     # One float64 (n, d) buffer written in place: row i, slice of entry k, is
     # float64(reply_i[k]) - g[slice], computed by one fused sub per entry (the float32 ->
     # float64 conversion is exact, then one float64 subtraction: the same arithmetic as
@@ -411,12 +682,7 @@ def stack_updates(
     # hundred values cost more in call overhead than in arithmetic. The block is at most
     # _STACK_BLOCK elements, so this adds at most that much memory; entries too large for
     # two rows in a block go row by row as above. Same values either way.
-    n = len(accepted)
-    updates = torch.empty((n, g.numel()), dtype=torch.float64, device=g.device)
-    states = []
-    for r in accepted:
-        assert r.state is not None  # validate_replies accepted it
-        states.append(r.state)
+    n = len(states)
     lo = 0
     for k, size in zip(spec.keys, spec.sizes, strict=True):
         hi = lo + size
@@ -430,10 +696,6 @@ def stack_updates(
                 # a view unless the reply's tensor is strided
                 torch.sub(_on(s[k].reshape(-1), g.device), g[lo:hi], out=updates[i, lo:hi])
         lo = hi
-    weights = torch.tensor(
-        [float(r.num_examples) for r in accepted], dtype=updates.dtype, device=g.device  # type: ignore[arg-type]
-    )
-    return updates, weights
 
 
 _STACK_BLOCK = 1 << 20

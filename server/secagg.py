@@ -49,7 +49,7 @@ from secagg import Msg, SecAggAbort, SecAggParams, SecAggResult, ServerSession
 from secagg.protocol import STAGES
 from secagg.quantise import ring_dtype
 
-from .rounds import Payload, Reply
+from .rounds import Payload, Reply, expand_replies
 from .stages import Component, Round, Transport
 
 __all__ = ["SECAGG_KEYS", "SecureAggregation", "decode_vector", "encode_blobs"]
@@ -201,7 +201,8 @@ class SecureAggregation(Component):
         for stage in STAGES:
             sent = {n: self._payload(msg, stage, rnd, payload)
                     for reqs in requests.values() for n, msg in reqs.items()}
-            got = {r.node_id: self._msg(r) for r in transport.send("query", sent, timeout=timeout)}
+            got = {r.node_id: self._msg(r)
+                   for r in expand_replies(transport.send("query", sent, timeout=timeout))}
             for g, s in list(sessions.items()):
                 replies = {n: got[n] for n in requests[g] if n in got}
                 try:

@@ -29,7 +29,7 @@ No Flower here: a :class:`Transport` is what the loop needs from the grid.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from aggregation import AggregationResult
 
-from .rounds import ClientReply, Payload, Rejection, Reply
+from .rounds import ClientReply, Payload, Rejection, Reply, ReplyBlock
 
 __all__ = [
     "STAGES",
@@ -112,8 +112,11 @@ class Transport(Protocol):
 
     def send(
         self, message_type: str, payloads: Mapping[int, Payload], *, timeout: float
-    ) -> list[Reply]:
-        """Send ``payloads[node]`` to each node; return the replies that came back in time."""
+    ) -> Sequence[Reply | ReplyBlock]:
+        """Send ``payloads[node]`` to each node; return the replies that came back in time,
+        in the order of ``payloads``. Replies trained together may come as one
+        :class:`~server.rounds.ReplyBlock` (the batched engine);
+        :func:`~server.rounds.expand_replies` makes them one :class:`Reply` each."""
         ...
 
 
@@ -175,7 +178,7 @@ class Component:
 
     def exchange(
         self, rnd: Round, transport: Transport, payload: Payload, timeout: float, state: State
-    ) -> tuple[list[Reply], State]:
+    ) -> tuple[Sequence[Reply | ReplyBlock], State]:
         """Own the round's exchanges (only if ``owns_exchange``); return the train replies."""
         raise NotImplementedError(f"{self.name} does not own the exchange")
 

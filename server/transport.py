@@ -8,12 +8,12 @@ to (a reply names the message it answers), never to the sender it claims.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from .rounds import Payload, Reply
+from .rounds import Payload, Reply, ReplyBlock
 
 __all__ = ["GridTransport", "encode_payload"]
 
@@ -35,7 +35,7 @@ class GridTransport:
 
     def send(
         self, message_type: str, payloads: Mapping[int, Payload], *, timeout: float
-    ) -> list[Reply]:
+    ) -> Sequence[Reply | ReplyBlock]:
         records: dict[int, RecordDict] = {}  # one RecordDict per distinct payload object
         messages = []
         for node_id, payload in payloads.items():

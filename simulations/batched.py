@@ -3,14 +3,23 @@
 With ``engine = "batched"`` the in-process engine's transport
 (:class:`simulations.engine.InProcessTransport`) hands a round's train payloads to
 :func:`train_batched` instead of sending one message to the ClientApp per node, and
-passes the trained tensors back as the replies (no Flower message either way). Each client is prepared exactly as ``client.app.handle_train`` prepares it
-(its data, its role, data poisoning with the same generator, its batch-order generator),
-then all clients train together from stacked parameters (with PGD adversarial
-training, its inner maximisation batched too, :func:`client.functional.pgd_perturb`)
-(:func:`client.functional.local_train_stacked`: one ``vmap`` over the clients per step),
-then each client's update goes through what ``handle_train`` does after training (update
-poisoning and boost for an attacker, local DP for an honest client, each with the same
-generator). The engine wraps each result in the reply ``handle_train`` would send.
+passes the trained tensors back as the replies (no Flower message either way). Each
+client is prepared exactly as ``client.app.handle_train`` prepares it (its data, its role,
+data poisoning with the same generator, its batch-order source), then all clients train
+together from the global model (:func:`client.functional.local_train_stacked`: one
+``vmap`` over the clients per step; with PGD adversarial training its inner maximisation
+batched too, :func:`client.functional.pgd_perturb`), then each client's update goes
+through what ``handle_train`` does after training (update poisoning and boost for an
+attacker, local DP for an honest client, each with the same generator).
+
+Clients whose trained parameters are their replies (no attack active this round, no local
+DP: at scale, nearly all) are answered together, as one :class:`TrainedBlock`: the stacked
+parameters and the reply metrics as columns, which the transport hands to the server as a
+:class:`server.rounds.ReplyBlock` that it checks and stacks with one tensor operation per
+entry. The others get the reply ``handle_train`` would send, each its own. The partitions
+of a round are read from the dataset with one indexing (``train_data_concat``), and with
+``batch-order = "hashed"`` every client's batch order comes from the same few tensor
+operations (:mod:`client.order`): what remains per client is bookkeeping.
 
 The stacked parameters exist for one round only; no per-client model is kept.
 
@@ -21,26 +30,39 @@ sampling), models with dropout or with buffers (these for every client), and the
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from aggregation.registry import derive_seed, make_generator
 from client.app import parse_run_config, train_settings
 from client.functional import (
     Perturb,
+    StackedData,
     local_train_stacked,
     pgd_perturb,
-    stack_parameters,
     unsupported_features,
 )
-from client.steps import ClientData, finish_state, prepare_client, reply_metrics
+from client.malicious import DATA_ATTACKS, MaliciousRole
+from client.order import BatchSource
+from client.steps import (
+    ClientData,
+    client_role,
+    finish_state,
+    prepare_client,
+    reply_metrics,
+    train_generator,
+)
 from client.task import ClientTask, load_task
 from client.train import resolve_device
 from runconfig.config import RunConfig, Scalar
+from server.rounds import StackedArrays
 
 __all__ = ["NODE_STATE_ATTACKS", "Outcome", "TrainJob", "TrainResult", "fallback_features", "train_batched"]
 
@@ -51,9 +73,10 @@ NODE_STATE_ATTACKS = frozenset({"neurotoxin"})
 last global model it saw): their clients go to the ClientApp, which holds that state."""
 
 
-@dataclass(frozen=True)
-class TrainJob:
-    """One train message: what ``handle_train`` reads from the message and the context."""
+class TrainJob(NamedTuple):
+    """One train message: what ``handle_train`` reads from the message and the context.
+
+    (A named tuple: a round makes one per client, a thousand of them.)"""
 
     run_config: Mapping[str, Scalar]
     node_config: Mapping[str, Scalar]
@@ -63,15 +86,30 @@ class TrainJob:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What ``handle_train`` replies: the new weights (``arrays``) and the ``metrics``."""
+    """What ``handle_train`` replies: the new weights (``arrays``) and the ``metrics``.
 
-    state: dict[str, Tensor]
+    ``state`` is a row of the round's :class:`~server.rounds.StackedArrays` for a client
+    whose trained parameters are its reply (no copy), a dict for one whose update was
+    changed after training (poisoning, local DP)."""
+
+    state: Mapping[str, Tensor]
     metrics: dict[str, float | int]
 
 
-Outcome = TrainResult | Exception | None
-"""A job's result, the exception its ClientApp would have raised, or ``None``: train this
-client with the ClientApp (a feature that is not batched)."""
+@dataclass(frozen=True)
+class TrainedBlock:
+    """Clients whose trained parameters are their replies, as they are: the rows of
+    ``stack``, and their reply metrics as columns over those rows (what
+    :func:`client.steps.reply_metrics` gives each, in its key order)."""
+
+    stack: StackedArrays
+    metrics: dict[str, list[float | int]]
+
+
+Outcome = TrainResult | tuple[TrainedBlock, int] | Exception | None
+"""A job's result: its reply (:class:`TrainResult`), row ``j`` of a :class:`TrainedBlock`,
+the exception its ClientApp would have raised, or ``None``: train this client with the
+ClientApp (a feature that is not batched)."""
 
 
 def fallback_features(cfg: RunConfig, model: nn.Module) -> list[str]:
@@ -88,16 +126,35 @@ def train_batched(jobs: Sequence[TrainJob]) -> list[Outcome]:
     Jobs are grouped by round, global model and run config (a round's jobs form one
     group) and each group is trained as one stacked computation.
     """
-    groups: dict[tuple[int, int, tuple[tuple[str, Scalar], ...]], list[int]] = {}
+    # a round's jobs share one payload and equal run configs: compared, not hashed (a
+    # thousand sorted configs cost more than the comparisons)
+    groups: list[tuple[TrainJob, list[int]]] = []
     for i, job in enumerate(jobs):
-        key = (job.server_round, id(job.global_state), tuple(sorted(job.run_config.items())))
-        groups.setdefault(key, []).append(i)
+        for head, members in groups:
+            if (job.server_round == head.server_round and job.global_state is head.global_state
+                    and (job.run_config is head.run_config
+                         or job.run_config == head.run_config)):
+                members.append(i)
+                break
+        else:
+            groups.append((job, [i]))
     out: list[Outcome] = [None] * len(jobs)
-    for members in groups.values():
+    for _, members in groups:
         group = [jobs[i] for i in members]
         for i, res in zip(members, _train_group(group), strict=True):
             out[i] = res
     return out
+
+
+class _Ready(NamedTuple):
+    """A client about to train: its job's index (``job``), partition, role and batch-order
+    source, and its data (``None``: its rows of the group's concatenated data)."""
+
+    job: int
+    pid: int
+    role: MaliciousRole
+    generator: BatchSource
+    data: tuple[Tensor, Tensor] | None = None
 
 
 def _train_group(jobs: Sequence[TrainJob]) -> list[Outcome]:
@@ -119,50 +176,153 @@ def _train_group(jobs: Sequence[TrainJob]) -> list[Outcome]:
     t0 = time.perf_counter()
     global_state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
     out: list[Outcome] = [None] * len(jobs)
-    ready: list[tuple[int, ClientData]] = []
-    one_by_one: set[str] = set()
-    for i, job in enumerate(jobs):
-        try:
-            client = _prepare(cfg, task, job)
-        except Exception as exc:
-            out[i] = exc
-            continue
-        if client.role.attack in NODE_STATE_ATTACKS:
-            one_by_one.add(f"attack {client.role.attack!r} (keeps state on its node)")
-        else:
-            ready.append((i, client))
-    if one_by_one:
-        _log_fallback(r, len(jobs) - len(ready) - sum(isinstance(o, Exception) for o in out),
-                      len(jobs), sorted(one_by_one))
+    ready, data = _prepare_all(cfg, task, jobs, out)
     if not ready:
         return out
     model.to(device).train()
     try:
         trained, losses = local_train_stacked(
-            model, stack_parameters(model, len(ready), device=device),
-            [(c.x, c.y) for _, c in ready], settings,
-            generators=[c.generator for _, c in ready], device=device,
-            perturb=_adversarial(cfg, [c.pid for _, c in ready], r),
+            model, _expanded(model, len(ready), device), data, settings,
+            generators=[c.generator for c in ready], device=device,
+            perturb=_adversarial(cfg, [c.pid for c in ready], r),
         )
     except Exception as exc:
-        for i, _ in ready:
-            out[i] = exc
+        for c in ready:
+            out[c.job] = exc
         return out
-    trained_cpu = {k: v.to("cpu") for k, v in trained.items()}
-    losses_cpu = losses.to("cpu")
-    results: list[tuple[int, TrainResult]] = []
-    for j, (i, c) in enumerate(ready):
+    # every entry of the state, stacked: trained, or the global one for all (not trained)
+    stack = StackedArrays({
+        k: trained[k].to("cpu") if k in trained else v.unsqueeze(0).expand(len(ready), *v.shape)
+        for k, v in global_state.items()
+    })
+    loss = losses.to("cpu").tolist()
+    offsets = [0, *itertools.accumulate(data.sizes)]
+    alone: list[tuple[int, TrainResult]] = []  # changed after training: their own reply
+    for j, c in enumerate(ready):
+        if not (c.role.active(r) or cfg.local_dp):
+            continue
+        x, y = (c.data if c.data is not None else
+                (data.x[offsets[j]:offsets[j + 1]], data.y[offsets[j]:offsets[j + 1]]))
         try:
-            results.append((i, _finish(cfg, jobs[i], c, global_state,
-                                       {k: v[j] for k, v in trained_cpu.items()},
-                                       float(losses_cpu[j]))))
+            alone.append((c.job, _finish(
+                cfg, jobs[c.job], ClientData(c.pid, c.role, x, y, c.generator), global_state,
+                {k: v[j] for k, v in stack.arrays.items()}, loss[j])))
         except Exception as exc:
-            out[i] = exc
+            out[c.job] = exc
     seconds = (time.perf_counter() - t0) / len(ready)  # each client's share of the batch
-    for i, res in results:
+    for i, res in alone:
         res.metrics["train-seconds"] = seconds
         out[i] = res
+    if len(alone) + sum(isinstance(out[c.job], Exception) for c in ready) == len(ready):
+        return out
+    # the others' replies are their rows: honest (or not attacking this round) without
+    # local DP, so each reports its true number of examples (reply_metrics' keys, in order)
+    block = TrainedBlock(stack, {
+        "num-examples": list(data.sizes),
+        "train-loss": loss,
+        "train-seconds": [seconds] * len(ready),
+        "partition-id": [c.pid for c in ready],
+        "num-partitions": [int(jobs[c.job].node_config.get("num-partitions", -1))
+                           for c in ready],
+    })
+    for j, c in enumerate(ready):
+        if out[c.job] is None:
+            out[c.job] = (block, j)
     return out
+
+
+def _role(cfg: RunConfig, node_config: Mapping[str, Scalar], honest: MaliciousRole) -> MaliciousRole:
+    """:func:`client.steps.client_role`, with one honest role shared by the honest clients."""
+    if cfg.num_malicious == 0:
+        return honest
+    return client_role(cfg, node_config)
+
+
+def _expanded(model: nn.Module, k: int, device: torch.device) -> dict[str, Tensor]:
+    """The model's parameters as K clients' starting point: expanded views, no copies
+    (:func:`client.functional.local_train_stacked` writes new tensors at its first step)."""
+    return {name: p.detach().to(device).unsqueeze(0).expand(k, *p.shape)
+            for name, p in model.named_parameters()}
+
+
+def _prepare_all(
+    cfg: RunConfig, task: ClientTask, jobs: Sequence[TrainJob], out: list[Outcome]
+) -> tuple[list[_Ready], StackedData]:
+    """Every job's client before training, as ``handle_train`` prepares it; a client that
+    cannot train gets its exception in ``out``, one not batched stays ``None`` there.
+
+    A client that is not an active data attacker trains on its partition as it is: those
+    are read from the dataset together (``train_data_concat`` when the task has it); a data
+    attacker's data is poisoned alone (:func:`client.steps.prepare_client`).
+    """
+    r = jobs[0].server_round
+    ready: list[_Ready] = []
+    plain: list[tuple[int, MaliciousRole]] = []
+    one_by_one: set[str] = set()
+    honest = MaliciousRole()
+    for i, job in enumerate(jobs):
+        try:
+            role = _role(cfg, job.node_config, honest)
+            if role.attack in NODE_STATE_ATTACKS:
+                one_by_one.add(f"attack {role.attack!r} (keeps state on its node)")
+            elif role.active(r) and role.attack in DATA_ATTACKS:
+                poisoned = _prepare(cfg, task, job)
+                ready.append(_Ready(i, poisoned.pid, poisoned.role, poisoned.generator,
+                                    (poisoned.x, poisoned.y)))
+            else:
+                plain.append((i, role))
+        except Exception as exc:
+            out[i] = exc
+    if one_by_one:
+        skipped = len(jobs) - len(ready) - len(plain) - sum(isinstance(o, Exception) for o in out)
+        _log_fallback(r, skipped, len(jobs), sorted(one_by_one))
+    concat = getattr(task, "train_data_concat", None)
+    together = None
+    if concat is not None and plain:
+        try:
+            together = concat([jobs[i].node_config for i, _ in plain])
+        except Exception:  # one of them is refused: each asks alone, to get its own error
+            together = None
+    pieces: dict[int, tuple[Tensor, Tensor]] = {}
+    if together is None:
+        for i, _ in plain:
+            try:
+                pieces[i] = task.train_data(jobs[i].node_config)
+            except Exception as exc:
+                out[i] = exc
+    sizes = together[2] if together is not None else None
+    for j, (i, role) in enumerate(plain):
+        if out[i] is not None:
+            continue
+        n = sizes[j] if sizes is not None else int(pieces[i][0].shape[0])
+        if n == 0:
+            out[i] = ValueError("cannot train on an empty partition: give this client some data")
+            continue
+        if sizes is None and pieces[i][0].shape[0] != pieces[i][1].shape[0]:
+            out[i] = ValueError(f"x has {pieces[i][0].shape[0]} rows but y has "
+                                f"{pieces[i][1].shape[0]}")
+            continue
+        pid = int(jobs[i].node_config.get("partition-id", -1))
+        ready.append(_Ready(i, pid, role, train_generator(cfg, pid, r), pieces.get(i)))
+    ready.sort(key=lambda c: c.job)
+    if together is not None and all(c.data is None for c in ready):  # the common case
+        x, y, _ = together
+        return ready, StackedData(x, y, tuple(n for n in together[2] if n > 0))
+    offsets = [0, *itertools.accumulate(together[2])] if together is not None else []
+    place = {i: j for j, (i, _) in enumerate(plain)}
+    parts = []
+    for c in ready:
+        if c.data is None:
+            assert together is not None
+            lo, hi = offsets[place[c.job]], offsets[place[c.job] + 1]
+            parts.append((together[0][lo:hi], together[1][lo:hi]))
+        else:
+            parts.append(c.data)
+    ready = [_Ready(c.job, c.pid, c.role, c.generator, parts[j]) for j, c in enumerate(ready)]
+    if not ready:
+        return ready, StackedData(torch.zeros(0), torch.zeros(0), ())
+    return ready, StackedData(torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]),
+                              tuple(int(x.shape[0]) for x, _ in parts))
 
 
 def _adversarial(cfg: RunConfig, pids: Sequence[int], server_round: int) -> Perturb | None:

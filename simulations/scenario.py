@@ -257,6 +257,11 @@ class _CellEntries:
     defense: Entry
 
 
+_LATER_KEYS = {"reference": "none", "batch-order": "generator"}
+"""Keys added after cells were first run, with the value every earlier cell had: left out
+of the config hash at that value, so earlier results keep their cell ids and resume."""
+
+
 @dataclass(frozen=True)
 class Cell:
     """One federation of the matrix: its coordinates and fully resolved run config."""
@@ -268,8 +273,9 @@ class Cell:
     def config_hash(self) -> str:
         """SHA-256 (hex) of the canonical JSON of the run config without ``out-dir``."""
         cfg = {k: v for k, v in self.config.items() if k != "out-dir"}
-        if cfg.get("reference") == "none":  # the key came later: earlier cells keep their ids
-            del cfg["reference"]
+        for key, default in _LATER_KEYS.items():  # earlier cells keep their ids
+            if cfg.get(key) == default:
+                del cfg[key]
         blob = json.dumps(cfg, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 

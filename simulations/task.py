@@ -13,7 +13,7 @@ examples drawn with the run's seed and removed from every client's partition; wi
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,32 @@ class DatasetTask:
         if "data-path" in node_config:
             own = load_dataset(f"npz:{node_config['data-path']}", seed=self.seed)
             return own.x_train, own.y_train
+        idx = self._partition_of(node_config)
+        ds = self.dataset
+        return ds.x_train[idx], ds.y_train[idx]
+
+    def train_data_concat(
+        self, node_configs: Sequence[Mapping[str, Scalar]]
+    ) -> tuple[Tensor, Tensor, list[int]]:
+        """The training data of several nodes, concatenated in order, and each one's size:
+        what :meth:`train_data` gives each, with one indexing of the dataset for all (the
+        batched engine's round).
+
+        Raises
+        ------
+        ValueError
+            A node config :meth:`train_data` refuses, or one with its own file (``data-path``:
+            ask :meth:`train_data`).
+        """
+        if any("data-path" in nc for nc in node_configs):
+            raise ValueError("a node with its own data file (data-path): use train_data")
+        idx = [self._partition_of(nc) for nc in node_configs]
+        ds = self.dataset
+        rows = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)
+        return ds.x_train[rows], ds.y_train[rows], [int(i.numel()) for i in idx]
+
+    def _partition_of(self, node_config: Mapping[str, Scalar]) -> Tensor:
+        """The indices of the node's partition of the training split."""
         if "partition-id" not in node_config or "num-partitions" not in node_config:
             raise ValueError(
                 "node config needs partition-id and num-partitions (or data-path); start the "
@@ -132,9 +158,7 @@ class DatasetTask:
         pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
         if not 0 <= pid < num:
             raise ValueError(f"partition-id must be in [0, {num}), got {pid}")
-        idx = self.partition_indices(num)[pid]
-        ds = self.dataset
-        return ds.x_train[idx], ds.y_train[idx]
+        return self.partition_indices(num)[pid]
 
     def test_data(self) -> tuple[Tensor, Tensor]:
         """The held-out test split, for central evaluation."""

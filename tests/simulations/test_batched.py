@@ -16,7 +16,7 @@ from flwr.app import Message
 
 from client.app import app as client_app
 from runconfig.config import check_engine
-from server.rounds import Payload, Reply
+from server.rounds import Payload, Reply, expand_replies
 from simulations.config import resolve_config
 from simulations.engine import ENGINE_KEYS, InProcessGrid, run_in_process, validate
 from simulations.task import build_task
@@ -41,8 +41,8 @@ def _round(cfg: dict[str, Any], *, batched: bool, server_round: int = 2) -> list
     model = build_task(cfg).build_model()
     grid = InProcessGrid(client_app, cfg, N, batched=batched)
     payload = _payload({k: v.detach() for k, v in model.state_dict().items()}, server_round)
-    replies = grid.make_transport().send("train", dict.fromkeys(grid.node_ids, payload),
-                                         timeout=60.0)
+    replies = expand_replies(grid.make_transport().send(
+        "train", dict.fromkeys(grid.node_ids, payload), timeout=60.0))
     assert [r.node_id for r in replies] == grid.node_ids  # in the payloads' order
     return replies
 
@@ -76,6 +76,11 @@ FEATURES = {
     "attack-not-started": ["num-malicious=2", "attack=sign_flip", "attack-start-round=3"],
     "local-dp": ["local-dp=clipping_norm=0.5, noise_std=0.01"],
     "adversarial-training": ["adversarial-training=eps=0.1, alpha=0.03, steps=3"],
+    "hashed-order": ["batch-order=hashed"],
+    "hashed-order-adam-unequal": ["batch-order=hashed", "optimizer=adam", "learning-rate=0.01",
+                                  "partitioner=dirichlet", "partitioner-params=alpha=0.3"],
+    "hashed-order-backdoor-local-dp": ["batch-order=hashed", "num-malicious=2", "attack=backdoor",
+                                       "local-dp=clipping_norm=0.5, noise_std=0.01"],
     "adversarial-training-cnn-unequal": [
         "adversarial-training=eps=0.1, steps=2", "model=cnn", "learning-rate=0.1",
         "partitioner=dirichlet", "partitioner-params=alpha=0.3"],
@@ -96,7 +101,7 @@ def test_batched_replies_equal_the_client_apps(feature: str) -> None:
     assert float(err.max()) < (1e-2 if feature.startswith("adversarial") else 1e-4), err
     for p, b in zip(per_client, batched, strict=True):
         mp, mb = dict(p.metrics["metrics"]), dict(b.metrics["metrics"])
-        assert mp.keys() == mb.keys()
+        assert list(mp) == list(mb)  # the same keys in the same order (the metrics file's)
         assert p.arrays.keys() == b.arrays.keys() == {"arrays"}
         assert p.metrics.keys() == b.metrics.keys() == {"metrics"}
         assert p.configs == b.configs == {}
@@ -105,6 +110,17 @@ def test_batched_replies_equal_the_client_apps(feature: str) -> None:
         for k in ("num-examples", "partition-id", "num-partitions"):
             assert mp[k] == mb[k], k
         assert mb["train-loss"] == pytest.approx(mp["train-loss"], rel=1e-4)
+
+
+def test_the_batch_order_setting_changes_the_batches() -> None:
+    """The hashed-order cases above compare engines under the hashed setting: both engines
+    must actually use it (the updates differ from the generator's)."""
+    cfg = _config()
+    hashed = {**cfg, "batch-order": "hashed"}
+    for batched in (False, True):
+        u_g = _updates(_round(cfg, batched=batched), cfg)
+        u_h = _updates(_round(hashed, batched=batched), hashed)
+        assert not torch.allclose(u_g, u_h), batched
 
 
 def test_the_sizes_differ_in_the_unequal_case() -> None:
@@ -154,9 +170,9 @@ def test_a_client_that_cannot_train_gets_the_client_apps_error() -> None:
     replies = {}
     for batched in (False, True):
         grid = InProcessGrid(client_app, cfg, N, batched=batched)
-        replies[batched] = grid.make_transport().send(
+        replies[batched] = expand_replies(grid.make_transport().send(
             "train", dict.fromkeys(grid.node_ids, _payload({"not-a-weight": torch.zeros(3)}, 1)),
-            timeout=60.0)
+            timeout=60.0))
     assert len(replies[True]) == N
     assert all(r.error is not None and "RuntimeError" in r.error for r in replies[True])
     # the same text as the ClientApp's error reply, as the server decodes it
@@ -168,8 +184,8 @@ def test_a_payload_without_the_round_gets_an_error_reply_not_an_exception() -> N
     grid = InProcessGrid(client_app, cfg, N, batched=True)
     model = build_task(cfg).build_model()
     bad = Payload(arrays={"arrays": dict(model.state_dict())}, configs={"config": {}})
-    replies = grid.make_transport().send("train", dict.fromkeys(grid.node_ids, bad),
-                                         timeout=60.0)
+    replies = expand_replies(grid.make_transport().send(
+        "train", dict.fromkeys(grid.node_ids, bad), timeout=60.0))
     assert [r.node_id for r in replies] == grid.node_ids
     assert all(r.error is not None and "server-round" in r.error for r in replies)
 
@@ -186,9 +202,9 @@ def test_faults_drop_messages_in_batched_mode_too() -> None:
         return pid < 2
 
     grid = InProcessGrid(client_app, cfg, N, batched=True, fault=fault)
-    replies = grid.make_transport().send(
+    replies = expand_replies(grid.make_transport().send(
         "train", dict.fromkeys(grid.node_ids, _payload(dict(model.state_dict()), 1)),
-        timeout=60.0)
+        timeout=60.0))
     assert sorted(int(r.metrics["metrics"]["partition-id"]) for r in replies) == [2, 3, 4, 5]
     assert seen == ["train"] * N
     assert not grid._inbox
@@ -214,8 +230,8 @@ def test_the_batched_transport_writes_no_flower_message(
     for batched in (True, False):
         made.clear()
         grid = InProcessGrid(client_app, cfg, N, batched=batched)
-        replies = grid.make_transport().send(
-            "train", dict.fromkeys(grid.node_ids, _payload(state, 1)), timeout=60.0)
+        replies = expand_replies(grid.make_transport().send(
+            "train", dict.fromkeys(grid.node_ids, _payload(state, 1)), timeout=60.0))
         assert len(replies) == N and all(r.error is None for r in replies)
         assert (len(made) == 0) if batched else (len(made) >= N + 1), (batched, len(made))
 

@@ -203,3 +203,34 @@ def test_honest_only_reference_never_trains_the_malicious_clients(attack: list[s
 def test_reference_is_checked() -> None:
     with pytest.raises(ValueError, match="reference must be one of none, honest-only"):
         _run("num-server-rounds=1", "reference=oracle")
+
+
+def test_the_engine_leaves_the_garbage_collector_as_it_found_it() -> None:
+    """The engine freezes what exists after round 1 (full collections skip it) and undoes
+    that at the end; objects the caller froze stay frozen, and the engine does not touch
+    the freeze then."""
+    import gc
+
+    flat = resolve_config(None, [*BASE, "num-server-rounds=2", "num-clients=4"])
+    assert gc.get_freeze_count() == 0
+    seen: list[int] = []
+    run_in_process(flat, on_round=lambda row: seen.append(gc.get_freeze_count()))
+    assert seen[0] == 0 and seen[-1] > 0  # frozen from the first trained round on
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        mine = gc.get_freeze_count()
+        run_in_process(flat)
+        # neither unfrozen nor frozen more (frozen objects that die leave the count)
+        assert 0 < gc.get_freeze_count() <= mine
+    finally:
+        gc.unfreeze()
+
+
+def test_keep_freed_memory_says_whether_it_applied() -> None:
+    import platform
+
+    from simulations.engine import keep_freed_memory
+
+    applied = keep_freed_memory()
+    assert applied == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

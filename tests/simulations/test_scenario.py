@@ -236,18 +236,22 @@ def test_bucketing_mnist_follows_the_paper_setup() -> None:
 
 
 
-def test_reference_none_keeps_the_cell_ids_of_configs_without_the_key() -> None:
+def test_later_keys_at_their_old_value_keep_the_cell_ids_of_configs_without_them() -> None:
     import dataclasses
     import hashlib
 
     cell = parse_scenario(MATRIX).cells()[0]
     assert cell.config["reference"] == "none"
-    # the id of the same config as it was before the key existed
-    before = {k: v for k, v in cell.config.items() if k not in ("out-dir", "reference")}
+    assert cell.config["batch-order"] == "generator"
+    # the id of the same config as it was before the keys existed
+    before = {k: v for k, v in cell.config.items()
+              if k not in ("out-dir", "reference", "batch-order")}
     blob = json.dumps(before, sort_keys=True, separators=(",", ":"))
     assert cell.config_hash == hashlib.sha256(blob.encode()).hexdigest()
     honest = dataclasses.replace(cell, config={**cell.config, "reference": "honest-only"})
     assert honest.config_hash != cell.config_hash
+    hashed = dataclasses.replace(cell, config={**cell.config, "batch-order": "hashed"})
+    assert hashed.config_hash != cell.config_hash
 
 
 def test_a_bad_reference_is_refused_before_any_cell_runs() -> None:
