@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -46,10 +46,10 @@ _M32 = 0xFFFFFFFF
 _STREAMS = (0x9E3779B9, 0x85EBCA6B)  # the two streams' starting words (any distinct ones)
 
 
-@dataclass(frozen=True)
-class HashedOrder:
+class HashedOrder(NamedTuple):
     """A client's hashed batch order: the round's seed (:func:`hashed_round_seed`) and the
-    client's key (its partition id; -1 for a node with its own data)."""
+    client's key (its partition id; -1 for a node with its own data). (A named tuple: a
+    round makes one per client.)"""
 
     seed: int
     client: int

@@ -478,8 +478,13 @@ def _suspect_rows(cols: Mapping[str, Sequence[Any]], n: int) -> set[int] | None:
         kinds = set(map(type, col))
         if not kinds <= {int, float}:  # bool, str, numpy scalars: each row alone
             return None
+        if not col:
+            continue
         if int in kinds and not -(2**62) <= min(col) <= max(col) <= 2**62:
             return None  # beyond what float64 holds exactly enough to judge
+        if (kinds == {int} or math.isfinite(sum(col))) and not (integer and float in kinds) \
+                and low <= min(col) and max(col) <= high:
+            continue  # no NaN or Inf (a finite sum has none), in range, integers: all fine
         t = torch.tensor(col, dtype=torch.float64)
         bad = t.isnan() | (t < low) | (t > high)
         if integer:

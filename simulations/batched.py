@@ -30,6 +30,7 @@ sampling), models with dropout or with buffers (these for every client), and the
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -60,7 +61,7 @@ from client.steps import (
     train_generator,
 )
 from client.task import ClientTask, load_task
-from client.train import resolve_device
+from client.train import TrainSettings, resolve_device
 from runconfig.config import RunConfig, Scalar
 from server.rounds import StackedArrays
 
@@ -161,10 +162,7 @@ def _train_group(jobs: Sequence[TrainJob]) -> list[Outcome]:
     first = jobs[0]
     r = first.server_round
     try:
-        cfg = parse_run_config(first.run_config)
-        settings = train_settings(cfg)
-        task = load_task(first.run_config)
-        model = task.build_model()
+        cfg, settings, task, model = _setup(tuple(sorted(first.run_config.items())))
         model.load_state_dict(first.global_state, strict=True)
         device = resolve_device(cfg.device)
     except Exception as exc:  # every client of the group would raise the same
@@ -231,13 +229,6 @@ def _train_group(jobs: Sequence[TrainJob]) -> list[Outcome]:
     return out
 
 
-def _role(cfg: RunConfig, node_config: Mapping[str, Scalar], honest: MaliciousRole) -> MaliciousRole:
-    """:func:`client.steps.client_role`, with one honest role shared by the honest clients."""
-    if cfg.num_malicious == 0:
-        return honest
-    return client_role(cfg, node_config)
-
-
 def _expanded(model: nn.Module, k: int, device: torch.device) -> dict[str, Tensor]:
     """The model's parameters as K clients' starting point: expanded views, no copies
     (:func:`client.functional.local_train_stacked` writes new tensors at its first step)."""
@@ -260,9 +251,11 @@ def _prepare_all(
     plain: list[tuple[int, MaliciousRole]] = []
     one_by_one: set[str] = set()
     honest = MaliciousRole()
-    for i, job in enumerate(jobs):
+    if cfg.num_malicious == 0:  # every client honest: nothing to decide per client
+        plain = [(i, honest) for i in range(len(jobs))]
+    for i, job in enumerate(jobs if cfg.num_malicious else ()):
         try:
-            role = _role(cfg, job.node_config, honest)
+            role = client_role(cfg, job.node_config)
             if role.attack in NODE_STATE_ATTACKS:
                 one_by_one.add(f"attack {role.attack!r} (keeps state on its node)")
             elif role.active(r) and role.attack in DATA_ATTACKS:
@@ -323,6 +316,18 @@ def _prepare_all(
         return ready, StackedData(torch.zeros(0), torch.zeros(0), ())
     return ready, StackedData(torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]),
                               tuple(int(x.shape[0]) for x, _ in parts))
+
+
+@functools.lru_cache(maxsize=4)
+def _setup(run_config: tuple[tuple[str, Scalar], ...]
+           ) -> tuple[RunConfig, TrainSettings, ClientTask, nn.Module]:
+    """The run config parsed, its training settings, its task and a model of the task's
+    architecture: made once per run config (every round of a run asks again). The model's
+    state is the round's global model, loaded in full (``strict``) before each use."""
+    flat = dict(run_config)
+    cfg = parse_run_config(flat)
+    task = load_task(flat)
+    return cfg, train_settings(cfg), task, task.build_model()
 
 
 def _adversarial(cfg: RunConfig, pids: Sequence[int], server_round: int) -> Perturb | None:

@@ -143,13 +143,17 @@ class DatasetTask:
         """
         if any("data-path" in nc for nc in node_configs):
             raise ValueError("a node with its own data file (data-path): use train_data")
-        idx = [self._partition_of(nc) for nc in node_configs]
+        parts: dict[int, tuple[Tensor, ...]] = {}  # the partitions of each num-partitions
+        idx = [self._partition_of(nc, parts) for nc in node_configs]
         ds = self.dataset
         rows = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)
         return ds.x_train[rows], ds.y_train[rows], [int(i.numel()) for i in idx]
 
-    def _partition_of(self, node_config: Mapping[str, Scalar]) -> Tensor:
-        """The indices of the node's partition of the training split."""
+    def _partition_of(
+        self, node_config: Mapping[str, Scalar], parts: dict[int, tuple[Tensor, ...]] | None = None
+    ) -> Tensor:
+        """The indices of the node's partition of the training split (``parts``: the
+        partitions already looked up, by number of partitions)."""
         if "partition-id" not in node_config or "num-partitions" not in node_config:
             raise ValueError(
                 "node config needs partition-id and num-partitions (or data-path); start the "
@@ -158,7 +162,11 @@ class DatasetTask:
         pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
         if not 0 <= pid < num:
             raise ValueError(f"partition-id must be in [0, {num}), got {pid}")
-        return self.partition_indices(num)[pid]
+        if parts is None:
+            return self.partition_indices(num)[pid]
+        if num not in parts:
+            parts[num] = self.partition_indices(num)
+        return parts[num][pid]
 
     def test_data(self) -> tuple[Tensor, Tensor]:
         """The held-out test split, for central evaluation."""
