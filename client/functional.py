@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
-from .order import BatchSource, draw_permutations
+from .order import BatchSource, draw_permutations, segments
 from .train import TrainSettings
 
 __all__ = [
@@ -268,12 +268,8 @@ def make_schedule(
     pos = torch.empty_like(order)
     pos[order] = torch.arange(k)
     # every drawn index, client-major then epoch: its client, its place j in its epoch
-    seg = n.repeat_interleave(epochs)  # (K*E,) length of each permutation
-    total = int(seg.sum())
-    client = torch.arange(k).repeat_interleave(epochs * n)
-    start = torch.cumsum(seg, 0) - seg
-    j = torch.arange(total) - start.repeat_interleave(seg)
-    epoch = torch.arange(epochs).repeat(k).repeat_interleave(seg)
+    segment, j = segments(n, epochs)
+    client, epoch = segment // epochs, segment % epochs
     offsets = torch.cumsum(n, 0) - n
     row = drawn + offsets[client]
     step = epoch * per_epoch[client] + torch.div(j, bs, rounding_mode="floor")

@@ -16,9 +16,9 @@ A client shuffles its examples once per epoch. The run config's ``batch-order`` 
 Both are reproducible from the run seed; they give different orders, so a run's results
 depend on the setting (it is saved with the run config like every other key).
 
-The hash is 32-bit multiply-xorshift mixing ("lowbias32", Wellons 2018) over 32-bit words,
-computed in int64 without overflow, two independent streams making a 62-bit sort key;
-ties (about one in 2**62 per pair) keep the examples' order.
+The hash is multiply-xorshift mixing (the shape of Wellons' "lowbias32", 2018) over 31-bit
+words, computed in int64 without overflow; two streams from different starting words make
+a 62-bit sort key; ties (about one in 2**62 per pair) keep the examples' order.
 """
 
 from __future__ import annotations
@@ -40,10 +40,12 @@ __all__ = [
     "draw_permutations",
     "hashed_permutations",
     "hashed_round_seed",
+    "segments",
 ]
 
-_M32 = 0xFFFFFFFF
-_STREAMS = (0x9E3779B9, 0x85EBCA6B)  # the two streams' starting words (any distinct ones)
+_M31 = 0x7FFFFFFF
+_STREAMS = (0x1E3779B9, 0x05EBCA6B)  # the two streams' starting words (any distinct ones)
+_MAX_ROWS = 1 << 31  # an example's index is one 31-bit word
 
 
 class HashedOrder(NamedTuple):
@@ -69,24 +71,31 @@ def hashed_round_seed(run_seed: int, server_round: int) -> int:
     return derive_seed(run_seed, "batch-order", "round", server_round)
 
 
-def _mul32(x: Tensor, c: int) -> Tensor:
-    """``(x * c) mod 2**32`` for int64 ``0 <= x < 2**32`` and ``0 <= c < 2**32``, in halves
-    of 16 bits so that no product leaves int64."""
-    return ((((x >> 16) * c) & 0xFFFF) << 16).add_((x & 0xFFFF) * c).bitwise_and_(_M32)
-
-
 def _mix(x: Tensor) -> Tensor:
-    """lowbias32 on int64 holding 32-bit words."""
+    """Multiply-xorshift mixing of int64 holding 31-bit words: a bijection of
+    ``[0, 2**31)`` (xorshifts, and products by odd constants modulo ``2**31``; the
+    products stay below ``2**62``, so no int64 overflows). lowbias32's shifts and first
+    constant, odd constants below ``2**31``."""
     x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
+    x = (x * 0x7FEB352D) & _M31
     x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
+    x = (x * 0x046CA68B) & _M31
     return x ^ (x >> 16)
 
 
-def _words(v: Tensor) -> tuple[Tensor, Tensor]:
-    """The low and high 32-bit words of int64 ``v`` (two's complement)."""
-    return v & _M32, (v >> 32) & _M32
+def _words(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Int64 ``v`` (two's complement) as three words of 31, 31 and 2 bits."""
+    return v & _M31, (v >> 31) & _M31, (v >> 62) & 3
+
+
+def segments(sizes: Tensor, epochs: int) -> tuple[Tensor, Tensor]:
+    """The layout of K clients' epochs, client after client, epoch after epoch: for each of
+    the ``epochs * sum(sizes)`` places, its segment ``client * epochs + epoch`` and its
+    index in the segment. ``sizes``: ``(K,)`` int64."""
+    seg = sizes.repeat_interleave(epochs)  # (K*E,) the length of each segment
+    segment = torch.repeat_interleave(seg)  # (T,)
+    start = torch.cumsum(seg, 0) - seg
+    return segment, torch.arange(segment.numel()) - start[segment]
 
 
 def hashed_permutations(
@@ -103,7 +112,8 @@ def hashed_permutations(
     Raises
     ------
     ValueError
-        ``clients`` and ``sizes`` of different lengths, a negative size, or ``epochs < 1``.
+        ``clients`` and ``sizes`` of different lengths, a negative size, a client of
+        ``2**31`` examples or more, or ``epochs < 1``.
 
     Examples
     --------
@@ -119,22 +129,19 @@ def hashed_permutations(
         raise ValueError(
             f"hashed_permutations needs one size >= 0 per client and epochs >= 1, got "
             f"{client_t.numel()} clients, sizes {n.tolist()[:5]}..., epochs={epochs}")
-    k = n.numel()
-    seg = n.repeat_interleave(epochs)  # (K*E,) length of each permutation
-    total = int(seg.sum())
-    segment = torch.arange(k * epochs).repeat_interleave(seg)  # (T,) client * E + epoch
-    start = torch.cumsum(seg, 0) - seg
-    i = torch.arange(total) - start.repeat_interleave(seg)  # place in its segment
-    seed_lo, seed_hi = _words(torch.tensor(seed & ((1 << 63) - 1), dtype=torch.int64))
-    c_lo, c_hi = _words(client_t)
-    epoch = segment % epochs
-    keys = []
-    for stream in _STREAMS:
-        h = _mix(_mix(_mix(seed_lo ^ stream) ^ seed_hi) ^ c_lo)  # (K,) per client
-        h = _mix(h ^ c_hi).repeat_interleave(n * epochs)  # (T,)
-        h = _mix(_mix(h ^ epoch) ^ (i & _M32))
-        keys.append(h & 0x7FFFFFFF)
-    key = (keys[0] << 31) | keys[1]  # 62 bits
+    if bool((n >= _MAX_ROWS).any()):
+        raise ValueError(f"hashed_permutations handles clients of fewer than 2**31 examples, "
+                         f"got {int(n.max())}")
+    segment, i = segments(n, epochs)
+    client, epoch = segment // epochs, segment % epochs
+    words = _words(torch.tensor(seed & ((1 << 63) - 1), dtype=torch.int64))
+    starts = torch.tensor(_STREAMS, dtype=torch.int64).unsqueeze(1)  # (2, 1): two streams
+    h = starts
+    for w in (*words, *_words(client_t)):  # (2, K) per client
+        h = _mix(h ^ w)
+    h = h[:, client]  # (2, T)
+    h = _mix(_mix(h ^ epoch) ^ i)
+    key = (h[0] << 31) | h[1]  # 62 bits
     by_key = torch.sort(key, stable=True).indices
     by_segment = torch.sort(segment[by_key], stable=True).indices
     return i[by_key[by_segment]]

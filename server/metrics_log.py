@@ -54,7 +54,10 @@ def safe_text(text: str, limit: int = MAX_TEXT) -> str:
     return head[:limit] + f"... [cut, {len(text)} characters in all]"
 
 
-_PLAIN = (int, float, bool, type(None))
+_PLAIN = frozenset({int, float, bool, type(None)})
+# key tuples already found safe (every key a str that safe_text leaves as it is): a
+# report's thousand per-client entries share one; bounded, client text cannot grow it much
+_SAFE_KEYS: set[tuple[str, ...]] = set()
 
 
 def _safe(obj: Any) -> Any:
@@ -63,11 +66,25 @@ def _safe(obj: Any) -> Any:
         return obj
     if isinstance(obj, str):
         return safe_text(obj)
-    if isinstance(obj, Mapping):
+    if type(obj) is dict or isinstance(obj, Mapping):
+        keys = tuple(obj)
+        if keys in _SAFE_KEYS or _safe_keys(keys):
+            if _PLAIN.issuperset(map(type, obj.values())):
+                return dict(obj)
+            return {k: v if type(v) in _PLAIN else _safe(v) for k, v in obj.items()}
         return {safe_text(str(k)): v if type(v) in _PLAIN else _safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
         return [v if type(v) in _PLAIN else _safe(v) for v in obj]
     return obj
+
+
+def _safe_keys(keys: tuple[Any, ...]) -> bool:
+    """Whether every key is a str that :func:`safe_text` leaves unchanged (remembered)."""
+    if not all(type(k) is str and safe_text(k) == k for k in keys):
+        return False
+    if len(_SAFE_KEYS) < 256:
+        _SAFE_KEYS.add(keys)
+    return True
 
 
 class MetricsLog(Component):
