@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -137,13 +138,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--skip-per-client-engine-above", type=int, default=1000,
                    help="skip the per-client engine for larger n (it is the slowest path)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure every path this many times, one after another; print the "
+                        "median seconds and the median of each repeat's ratios")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     freed = keep_freed_memory()  # what the batched engine sets: the same for every path
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads, "
           f"load {os.getloadavg()[0]:.1f}, glibc keeps freed memory: {freed}")
-    print(f"# seconds per round (best of {args.rounds}); x = plain loop / path")
+    print(f"# seconds per round (best of {args.rounds} rounds; median of {args.repeats} "
+          f"repeats); x = plain loop / path (median of the repeats' ratios)")
     head = ("model", "n", "plain loop", "per-client engine", "batched engine",
             "batched, hashed", "batched core", "x engine", "x hashed", "x core")
     print("| " + " | ".join(head) + " |")
@@ -151,21 +156,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     for model in args.models:
         for n in args.n:
             flat = _config(model, n, 1 + args.rounds)
-            plain = _loop_seconds(_plain_round, flat, n, args.rounds)
-            core = _loop_seconds(_batched_round, flat, n, args.rounds)
-            batched = _engine_seconds(flat, "batched")
-            hashed = _engine_seconds(flat, "batched", "hashed")
-            per_client = (_engine_seconds(flat, "per-client")
-                          if n <= args.skip_per_client_engine_above else float("nan"))
-            print(f"| {model} | {n} | {plain:.4f} | {per_client:.4f} | {batched:.4f} | "
-                  f"{hashed:.4f} | {core:.4f} | {_ratio(plain, batched, n)} | "
-                  f"{_ratio(plain, hashed, n)} | {plain / core:.1f} |", flush=True)
+            runs = [_measure(flat, n, args) for _ in range(args.repeats)]
+            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            x = {k: statistics.median(r["plain"] / r[k] for r in runs)
+                 for k in ("batched", "hashed", "core")}
+            print(f"| {model} | {n} | {med['plain']:.4f} | {med['per_client']:.4f} | "
+                  f"{med['batched']:.4f} | {med['hashed']:.4f} | {med['core']:.4f} | "
+                  f"{_ratio(x['batched'], n)} | {_ratio(x['hashed'], n)} | {x['core']:.1f} |",
+                  flush=True)
 
 
-def _ratio(plain: float, seconds: float, n: int) -> str:
-    """``plain / seconds``, marked ``!`` where it misses the target at the target's n."""
-    miss = n == TARGET[0] and plain / seconds < TARGET[1]
-    return f"{plain / seconds:.1f}{' !' if miss else ''}"
+def _measure(flat: dict[str, Any], n: int, args: argparse.Namespace) -> dict[str, float]:
+    """Every path once, one after another (seconds per round, best of ``args.rounds``)."""
+    return {
+        "plain": _loop_seconds(_plain_round, flat, n, args.rounds),
+        "core": _loop_seconds(_batched_round, flat, n, args.rounds),
+        "batched": _engine_seconds(flat, "batched"),
+        "hashed": _engine_seconds(flat, "batched", "hashed"),
+        "per_client": (_engine_seconds(flat, "per-client")
+                       if n <= args.skip_per_client_engine_above else float("nan")),
+    }
+
+
+def _ratio(x: float, n: int) -> str:
+    """The ratio ``x``, marked ``!`` where it misses the target at the target's n."""
+    return f"{x:.1f}{' !' if n == TARGET[0] and x < TARGET[1] else ''}"
 
 
 if __name__ == "__main__":

@@ -74,8 +74,24 @@ def _safe(obj: Any) -> Any:
             return {k: v if type(v) in _PLAIN else _safe(v) for k, v in obj.items()}
         return {safe_text(str(k)): v if type(v) in _PLAIN else _safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
+        if obj and _uniform_plain_records(obj):  # a thousand clients' entries: as they are
+            return list(obj)
         return [v if type(v) in _PLAIN else _safe(v) for v in obj]
     return obj
+
+
+def _uniform_plain_records(items: Any) -> bool:
+    """Whether every item is a dict with the first item's keys, already found safe, and
+    only plain values (numbers, booleans, ``None``): nothing in them to sanitise."""
+    first = next(iter(items))
+    if type(first) is not dict:
+        return False
+    keys = tuple(first)
+    if keys not in _SAFE_KEYS and not _safe_keys(keys):
+        return False
+    plain = _PLAIN.issuperset
+    return all(type(e) is dict and tuple(e) == keys and plain(map(type, e.values()))
+               for e in items)
 
 
 def _safe_keys(keys: tuple[Any, ...]) -> bool:

@@ -177,7 +177,7 @@ class StackedArrays:
         No entries, or entries that disagree on K.
     """
 
-    __slots__ = ("arrays", "k", "_problems")
+    __slots__ = ("arrays", "k", "_problems", "_last")
 
     def __init__(self, arrays: Mapping[str, Tensor]) -> None:
         ks = {int(t.shape[0]) if t.dim() else -1 for t in arrays.values()}
@@ -188,15 +188,19 @@ class StackedArrays:
         self.arrays = dict(arrays)
         self.k = ks.pop()
         self._problems: dict[ModelSpec, list[str | None]] = {}
+        self._last: tuple[ModelSpec, list[str | None]] | None = None  # asked once per row
 
     def row(self, i: int) -> StackRow:
         return StackRow(self, i)
 
     def problems(self, spec: ModelSpec) -> list[str | None]:
         """For each row, what :meth:`ModelSpec.check` says of it (computed once per spec)."""
+        if self._last is not None and self._last[0] is spec:  # no hashing of the spec
+            return self._last[1]
         out = self._problems.get(spec)
         if out is None:
             out = self._problems[spec] = self._check(spec)
+        self._last = (spec, out)
         return out
 
     def _check(self, spec: ModelSpec) -> list[str | None]:
@@ -665,11 +669,13 @@ def _stack_rows(
         hi = lo + size
         src = stack.arrays[k].reshape(stack.k, -1)
         src = _on(src if rows_t is None else src.index_select(0, rows_t), g.device)
-        if pos_t is None:
-            torch.sub(src, g[lo:hi], out=updates[:, lo:hi])
+        if pos_t is None:  # the exact float64 values, then one subtraction for all below
+            updates[:, lo:hi].copy_(src)
         else:
             updates[pos_t, lo:hi] = torch.sub(src, g[lo:hi])
         lo = hi
+    if pos_t is None:  # the same arithmetic as above, float64(reply) - g, on one buffer
+        updates.sub_(g)
 
 
 def _stack_states(
