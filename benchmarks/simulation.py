@@ -23,10 +23,14 @@ round's published metrics row to the next's; the loops are timed over ``--rounds
 after one warm-up round. Every path runs with the allocator setting the batched engine
 makes (:func:`simulations.engine.keep_freed_memory`, glibc keeps freed memory), set first. The ratios are
 the plain loop's seconds per round divided by the other path's (its rounds per second
-over the plain loop's).
+over the plain loop's). Each row is measured in a fresh process (``--in-process``: all
+in this one); with ``--repeats R`` every path is measured R times, one after another, and
+the row gives the median seconds and the median of the R paired ratios (the box's speed
+drifts between minutes more than a round's does between rounds).
 
     python benchmarks/simulation.py                      # n = 10 100 1000, mlp and cnn
     python benchmarks/simulation.py --n 100 --models mlp --threads 2
+    python benchmarks/simulation.py --n 10 100 1000 --rounds 5 --repeats 3
 """
 
 from __future__ import annotations
@@ -138,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--skip-per-client-engine-above", type=int, default=1000,
                    help="skip the per-client engine for larger n (it is the slowest path)")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure every row in this process (default: each row in a fresh "
+                        "process, so that one row's runs leave nothing behind for the next)")
     p.add_argument("--repeats", type=int, default=1,
                    help="measure every path this many times, one after another; print the "
                         "median seconds and the median of each repeat's ratios")
@@ -155,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("|" + "---|" * len(head))
     for model in args.models:
         for n in args.n:
+            if not args.in_process and (len(args.models), len(args.n)) != (1, 1):
+                _row_in_fresh_process(model, n, argv if argv is not None else sys.argv[1:])
+                continue
             flat = _config(model, n, 1 + args.rounds)
             runs = [_measure(flat, n, args) for _ in range(args.repeats)]
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
@@ -164,6 +174,25 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"{med['batched']:.4f} | {med['hashed']:.4f} | {med['core']:.4f} | "
                   f"{_ratio(x['batched'], n)} | {_ratio(x['hashed'], n)} | {x['core']:.1f} |",
                   flush=True)
+
+
+def _row_in_fresh_process(model: str, n: int, argv: Sequence[str]) -> None:
+    """Print the row of ``model`` at ``n`` measured by a fresh run of this script."""
+    import subprocess
+
+    rest: list[str] = []
+    skip = False
+    for a in argv:  # every option but the grid of rows
+        if a in ("--n", "--models"):
+            skip = True
+        elif a.startswith("--"):
+            skip = False
+        if not skip:
+            rest.append(a)
+    out = subprocess.run(
+        [sys.executable, __file__, *rest, "--n", str(n), "--models", model],
+        check=True, capture_output=True, text=True).stdout
+    print(out.strip().splitlines()[-1], flush=True)
 
 
 def _measure(flat: dict[str, Any], n: int, args: argparse.Namespace) -> dict[str, float]:

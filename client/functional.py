@@ -166,9 +166,10 @@ def stack_parameters(model: nn.Module, k: int, *, device: torch.device | None = 
 def client_batches(n: int, settings: TrainSettings, *, generator: BatchSource) -> list[Tensor]:
     """One client's batches over all its epochs, drawn exactly as ``local_train`` draws them.
 
-    ``local_train`` first draws the seed of its dropout RNG, then one permutation of
-    ``range(n)`` per epoch (:func:`client.train.batches`); this draws the same, in the same
-    order, so the generator ends where ``local_train`` leaves it.
+    From a generator, ``local_train`` first draws the seed of its dropout RNG, then one
+    permutation of ``range(n)`` per epoch; this draws the same, in the same order, so the
+    generator ends where ``local_train`` leaves it. A :class:`~client.order.HashedOrder`
+    gives the same permutations to both (:func:`client.order.draw_permutations`).
 
     Returns
     -------
@@ -229,8 +230,8 @@ class Schedule:
         Per step: ``(A_s,)`` bool, whether the step is in that client's last epoch (the
         reported train loss averages those).
     identity
-        Whether ``order`` is ``0..K-1`` (every client makes as many steps as the one before
-        it): the stack needs no reordering.
+        Whether ``order`` is ``0..K-1`` (no client makes more steps than the one before it):
+        the stack needs no reordering.
     """
 
     order: Tensor
@@ -433,7 +434,7 @@ def _optimizer_step(
             if wd != 0:
                 g = g.add(p, alpha=wd)
             if settings.momentum != 0:
-                if step == 1:
+                if step == 1:  # g is this step's own new tensor: the buffer needs no copy
                     bufs[name] = g.detach()
                     g = bufs[name]
                 else:

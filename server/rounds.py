@@ -274,6 +274,10 @@ class ReplyBlock:
             raise ValueError(
                 f"a reply block of {n} nodes needs {n} rows and {n} values per metric, got "
                 f"{len(self.rows)} rows and {({k: len(v) for k, v in self.metrics.items()})}")
+        bad = [r for r in self.rows if not 0 <= r < self.stack.k]
+        if bad:
+            raise ValueError(f"a reply block names rows {bad[:5]} of a stack of "
+                             f"{self.stack.k}: rows are 0 .. {self.stack.k - 1}")
 
     def replies(self) -> list[Reply]:
         """The block as one :class:`Reply` per node, in order."""

@@ -158,6 +158,11 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, device: torch.device)
 RESUMABLE_CHANGES = frozenset({"num-server-rounds", "resume", "out-dir"})
 
 
+LATER_KEYS: dict[str, Scalar] = {"batch-order": "generator"}
+"""Run-config keys added after checkpoints were written, with the value every earlier run
+had: a checkpoint without one resumes as if it had that value."""
+
+
 def check_resumable(
     run_config: Mapping[str, Scalar], saved: Mapping[str, Scalar] | None, where: Path | None
 ) -> None:
@@ -170,6 +175,8 @@ def check_resumable(
     """
     if saved is None:
         raise ValueError(f"checkpoint in {where} has no saved run config; cannot check it")
+    # a key added after the checkpoint was written had, in that run, the value it defaults to
+    saved = {**{k: v for k, v in LATER_KEYS.items() if k not in saved}, **saved}
     keys = (set(run_config) | set(saved)) - RESUMABLE_CHANGES
     changed = sorted(k for k in keys if run_config.get(k) != saved.get(k))
     if changed:

@@ -87,11 +87,9 @@ class TrainJob(NamedTuple):
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What ``handle_train`` replies: the new weights (``arrays``) and the ``metrics``.
-
-    ``state`` is a row of the round's :class:`~server.rounds.StackedArrays` for a client
-    whose trained parameters are its reply (no copy), a dict for one whose update was
-    changed after training (poisoning, local DP)."""
+    """What ``handle_train`` replies: the new weights (``arrays``) and the ``metrics``: the
+    reply of a client whose update was changed after training (poisoning, local DP); the
+    others are rows of a :class:`TrainedBlock`."""
 
     state: Mapping[str, Tensor]
     metrics: dict[str, float | int]
@@ -229,6 +227,15 @@ def _train_group(jobs: Sequence[TrainJob]) -> list[Outcome]:
     return out
 
 
+def _data_error(task: ClientTask, job: TrainJob) -> Exception | None:
+    """What ``task.train_data`` raises for the job's node config, or ``None``."""
+    try:
+        task.train_data(job.node_config)
+    except Exception as exc:
+        return exc
+    return None
+
+
 def _expanded(model: nn.Module, k: int, device: torch.device) -> dict[str, Tensor]:
     """The model's parameters as K clients' starting point: expanded views, no copies
     (:func:`client.functional.local_train_stacked` writes new tensors at its first step)."""
@@ -264,8 +271,8 @@ def _prepare_all(
                                     (poisoned.x, poisoned.y)))
             else:
                 plain.append((i, role))
-        except Exception as exc:
-            out[i] = exc
+        except Exception as exc:  # the ClientApp reads the data first: its refusal first
+            out[i] = _data_error(task, job) or exc
     if one_by_one:
         skipped = len(jobs) - len(ready) - len(plain) - sum(isinstance(o, Exception) for o in out)
         _log_fallback(r, skipped, len(jobs), sorted(one_by_one))

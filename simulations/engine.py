@@ -545,6 +545,7 @@ def run_in_process(
 
     def published(row: dict[str, Any]) -> None:
         if own_freeze and not frozen and row.get("round", 0) >= 1:  # the first trained round
+            gc.collect()  # round 1's cyclic garbage is not frozen with the rest
             gc.freeze()
             frozen.append(True)
         if on_round is not None:

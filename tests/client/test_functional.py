@@ -218,3 +218,21 @@ def test_pgd_perturb_refuses_inputs_outside_the_box() -> None:
     with pytest.raises(ValueError, match="outside the clamp box"):
         local_train_stacked(model, stack_parameters(model, 1), [(x, y)], TrainSettings(),
                             generators=_gens(1), perturb=pgd_perturb(0.1, 0.03, 2, _gens(1)))
+
+
+@pytest.mark.parametrize("sizes", [[7, 3, 12], [9, 9, 9]])  # reordered / used as they are
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_starting_from_one_expanded_model_is_bit_identical(
+        model_name: str, setting: str, sizes: list[int]) -> None:
+    """The batched engine starts all K clients from views of one model (stride 0, no
+    copies); the result must be the same bits as from K contiguous copies."""
+    model = _model(model_name)
+    data = _data(sizes)
+    st = SETTINGS[setting]
+    copies, loss_c = local_train_stacked(model, stack_parameters(model, 3), data, st,
+                                         generators=_gens(3))
+    views = {n: p.detach().unsqueeze(0).expand(3, *p.shape) for n, p in model.named_parameters()}
+    viewed, loss_v = local_train_stacked(model, views, data, st, generators=_gens(3))
+    assert all(torch.equal(copies[k], viewed[k]) for k in copies)
+    assert torch.equal(loss_c, loss_v)

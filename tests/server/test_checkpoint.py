@@ -345,3 +345,14 @@ def test_a_state_that_cannot_be_restored_is_refused_when_saved(tmp_path: Path) -
             {"rule_state": None, "components": {"fine": {"n": 1}, "odd": Opaque()},
              "run_config": {}}))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_from_before_a_later_key_resumes_at_its_old_value() -> None:
+    """A run config saved before ``batch-order`` existed ran with its default: resuming it
+    with the default goes on; with another value it is refused, naming the key."""
+    from server.run import LATER_KEYS, check_resumable
+
+    saved = {"seed": 0, "num-server-rounds": 5}
+    check_resumable({**saved, **LATER_KEYS}, saved, Path("old"))
+    with pytest.raises(ValueError, match="batch-order: 'generator' -> 'hashed'"):
+        check_resumable({**saved, "batch-order": "hashed"}, saved, Path("old"))

@@ -140,3 +140,17 @@ def test_a_crashing_client_leaves_its_error_not_its_traceback_in_the_audit(
     debug = [r for r in caplog.records if r.name == "fedshield.engine"]
     assert len(debug) == 1 and debug[0].levelno == logging.DEBUG
     assert debug[0].exc_info is not None and debug[0].exc_info[0] is RuntimeError
+
+
+def test_the_sanitiser_fast_paths_change_nothing_it_must_escape() -> None:
+    """Entries with checked keys and plain values go through as they are; a string value,
+    an unsafe key or a non-uniform entry among a thousand still gets escaped."""
+    from server.metrics_log import _safe
+
+    rows = [{"node_id": 1000 + i, "partition_id": i} for i in range(1000)]
+    assert _safe({"kept": rows}) == {"kept": rows}
+    mixed = [*rows, {"node_id": 1, "reason": "bad\nline"}]
+    assert _safe(mixed)[-1] == {"node_id": 1, "reason": "bad\\nline"}
+    assert _safe([*rows, {"bad\x1bkey": 1}])[-1] == {"bad\\x1bkey": 1}
+    assert _safe([{"node_id": "x\ty"}] * 3) == [{"node_id": "x\\ty"}] * 3
+    assert _safe({"a\nb": rows[:2]}) == {"a\\nb": rows[:2]}

@@ -191,3 +191,9 @@ def test_inconsistent_blocks_are_refused() -> None:
         ReplyBlock((1, 2), stack, (0, 1), {"num-examples": [1]})
     with pytest.raises(IndexError):
         stack.row(3)
+
+
+def test_a_block_naming_rows_outside_its_stack_is_refused() -> None:
+    stack = StackedArrays({"a": torch.zeros(3, 2)})
+    with pytest.raises(ValueError, match=r"rows \[3\] of a stack of 3"):
+        ReplyBlock((1,), stack, (3,), {})

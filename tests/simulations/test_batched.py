@@ -252,3 +252,21 @@ def test_engine_setting_is_checked() -> None:
         check_engine("vmap")
     with pytest.raises(ValueError, match="engine must be one of"):
         run_in_process({**resolve_config(None, [*BASE, "num-clients=2"]), "engine": "fast"})
+
+
+def test_a_bad_node_config_gets_the_client_apps_error() -> None:
+    """With attackers, the role is looked up from the node config: a config without
+    num-partitions must still get the data loader's clear refusal, as from the ClientApp."""
+    cfg = _config("num-malicious=2", "attack=sign_flip")
+    validate(cfg, N)
+    state = dict(build_task(cfg).build_model().state_dict())
+    errors = {}
+    for batched in (False, True):
+        grid = InProcessGrid(client_app, cfg, N, batched=batched)
+        del grid.contexts[grid.node_ids[0]].node_config["num-partitions"]
+        replies = expand_replies(grid.make_transport().send(
+            "train", dict.fromkeys(grid.node_ids, _payload(state, 1)), timeout=60.0))
+        errors[batched] = [r.error for r in replies]
+    assert errors[True] == errors[False]
+    assert errors[True][0] is not None and "needs partition-id and num-partitions" in errors[True][0]
+    assert all(e is None for e in errors[True][1:])
