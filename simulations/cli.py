@@ -91,10 +91,21 @@ def check_paths(config: str | None, out: Path) -> None:
         raise ValueError(f"--out {out} is a file: name a folder (it is created if missing)")
 
 
+def _run_folder(flag: str | None, out_dir: str) -> Path:
+    """Where ``fedshield run`` writes: ``--out``, else the config's ``out-dir``, else
+    ``results/run``; a config's ``out-dir`` that ``--out`` replaces is said, not dropped."""
+    if flag is None:
+        return Path(out_dir or "results/run")
+    if out_dir and Path(out_dir) != Path(flag):
+        print(f"--out {flag} replaces the config's out-dir={out_dir}", file=sys.stderr)
+    return Path(flag)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    check_paths(args.config, out)
+    check_paths(args.config, Path(args.out) if args.out else Path("."))
     cfg = load_config(args.config, args.overrides)
+    out = _run_folder(args.out, str(cfg.get("out-dir", "")))
+    check_paths(None, out)
     t0 = time.perf_counter()
     rows = run_one(cfg, out)
     if not rows:
@@ -398,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run one federation in process")
     p.add_argument("--config", help="TOML file of run-config keys")
-    p.add_argument("--out", default="results/run", help="output folder")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: the config's out-dir, else results/run)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_run)
 

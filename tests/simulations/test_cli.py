@@ -116,3 +116,17 @@ def test_cli_path_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["run", "--out", str(afile)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a file: name a folder" in err
+
+
+def test_run_writes_to_the_configs_out_dir_unless_out_says_otherwise(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``out-dir=`` given to ``fedshield run`` is where the run goes (it used to be dropped
+    for the default ``--out``); an explicit ``--out`` wins and says so."""
+    args = ["dataset=digits", "num-clients=3", "num-server-rounds=1", "model=logreg"]
+    mine = tmp_path / "mine"
+    assert main(["run", f"out-dir={mine}", *args]) == 0
+    assert (mine / "metrics.jsonl").is_file()
+    other = tmp_path / "other"
+    assert main(["run", "--out", str(other), f"out-dir={tmp_path / 'x'}", *args]) == 0
+    assert (other / "metrics.jsonl").is_file() and not (tmp_path / "x").exists()
+    assert f"--out {other} replaces the config's out-dir={tmp_path / 'x'}" in capsys.readouterr().err
