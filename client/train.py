@@ -13,7 +13,6 @@ from .order import BatchSource, HashedOrder, hashed_permutations
 __all__ = [
     "OPTIMIZERS",
     "TrainSettings",
-    "batches",
     "local_train",
     "resolve_device",
 ]
@@ -85,13 +84,6 @@ class TrainSettings:
             )
         return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
 
-
-def batches(
-    n: int, batch_size: int, *, generator: torch.Generator
-) -> Iterator[Tensor]:
-    """Yield index tensors of a random permutation of ``range(n)`` in chunks of ``batch_size``."""
-    perm = torch.randperm(n, generator=generator)
-    yield from torch.split(perm, batch_size)
 
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]

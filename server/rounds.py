@@ -177,7 +177,7 @@ class StackedArrays:
         No entries, or entries that disagree on K.
     """
 
-    __slots__ = ("arrays", "k", "_problems", "_last")
+    __slots__ = ("arrays", "k", "_checked")
 
     def __init__(self, arrays: Mapping[str, Tensor]) -> None:
         ks = {int(t.shape[0]) if t.dim() else -1 for t in arrays.values()}
@@ -187,21 +187,17 @@ class StackedArrays:
                 f"{ {k: tuple(t.shape) for k, t in arrays.items()} }")
         self.arrays = dict(arrays)
         self.k = ks.pop()
-        self._problems: dict[ModelSpec, list[str | None]] = {}
-        self._last: tuple[ModelSpec, list[str | None]] | None = None  # asked once per row
+        self._checked: tuple[ModelSpec, list[str | None]] | None = None
 
     def row(self, i: int) -> StackRow:
         return StackRow(self, i)
 
     def problems(self, spec: ModelSpec) -> list[str | None]:
-        """For each row, what :meth:`ModelSpec.check` says of it (computed once per spec)."""
-        if self._last is not None and self._last[0] is spec:  # no hashing of the spec
-            return self._last[1]
-        out = self._problems.get(spec)
-        if out is None:
-            out = self._problems[spec] = self._check(spec)
-        self._last = (spec, out)
-        return out
+        """For each row, what :meth:`ModelSpec.check` says of it (computed once, for the
+        spec it is asked about: every row of a round asks with the round's spec)."""
+        if self._checked is None or (self._checked[0] is not spec and self._checked[0] != spec):
+            self._checked = (spec, self._check(spec))
+        return self._checked[1]
 
     def _check(self, spec: ModelSpec) -> list[str | None]:
         reason = spec.check_keys(self.arrays)
@@ -448,34 +444,26 @@ def decode_train_replies(replies: Sequence[Reply | ReplyBlock]) -> list[ClientRe
 def _decode_block(block: ReplyBlock) -> list[ClientReply]:
     cols = block.metrics
     keys = list(cols)
-    suspect = _suspect_rows(cols, len(block.node_ids))
+    suspect = _suspect_rows(cols)
     ex = cols.get("num-examples")
     pids = cols.get("partition-id")
     stack = block.stack
     # ReplyBlock checked that every column has one value per node
     rows = (zip(*cols.values(), strict=True) if keys
             else itertools.repeat((), len(block.node_ids)))
-    if ex is not None and suspect is not None and not suspect:  # the common case, at once
-        pid_col = pids if pids is not None else [-1] * len(block.node_ids)
-        return [
-            ClientReply(node, StackRow(stack, row), float(e), int(p),
-                        dict(zip(keys, values, strict=True)))
-            for node, row, values, e, p in zip(block.node_ids, block.rows, rows, ex, pid_col,
-                                               strict=True)
-        ]
     out = []
     for j, (node, row, values) in enumerate(zip(block.node_ids, block.rows, rows, strict=True)):
         m = dict(zip(keys, values, strict=True))
         if ex is None or suspect is None or j in suspect:  # the one-reply path says why
             out.append(decode_train_reply(Reply(node, arrays={"arrays": stack.row(row)},
                                                 metrics={"metrics": m})))
-            continue
-        out.append(ClientReply(node, StackRow(stack, row), float(ex[j]),
-                               int(pids[j]) if pids is not None else -1, m))
+        else:
+            out.append(ClientReply(node, StackRow(stack, row), float(ex[j]),
+                                   int(pids[j]) if pids is not None else -1, m))
     return out
 
 
-def _suspect_rows(cols: Mapping[str, Sequence[Any]], n: int) -> set[int] | None:
+def _suspect_rows(cols: Mapping[str, Sequence[Any]]) -> set[int] | None:
     """Rows whose metrics :func:`_bad_metrics` may refuse (a superset), or ``None`` when a
     column is not all numbers (then every row is checked alone)."""
     suspect: set[int] = set()

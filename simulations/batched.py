@@ -51,7 +51,7 @@ from client.functional import (
     unsupported_features,
 )
 from client.malicious import DATA_ATTACKS, MaliciousRole
-from client.order import BatchSource, HashedOrder, hashed_round_seed
+from client.order import BatchSource
 from client.steps import (
     ClientData,
     client_role,
@@ -291,8 +291,6 @@ def _prepare_all(
             except Exception as exc:
                 out[i] = exc
     sizes = together[2] if together is not None else None
-    # the hashed order's round seed, once (train_generator's, for every client)
-    seed = hashed_round_seed(cfg.seed, r) if cfg.batch_order == "hashed" else None
     for j, (i, role) in enumerate(plain):
         if out[i] is not None:
             continue
@@ -305,8 +303,7 @@ def _prepare_all(
                                 f"{pieces[i][1].shape[0]}")
             continue
         pid = int(jobs[i].node_config.get("partition-id", -1))
-        source = HashedOrder(seed, pid) if seed is not None else train_generator(cfg, pid, r)
-        ready.append(_Ready(i, pid, role, source, pieces.get(i)))
+        ready.append(_Ready(i, pid, role, train_generator(cfg, pid, r), pieces.get(i)))
     ready.sort(key=lambda c: c.job)
     if together is not None and all(c.data is None for c in ready):  # the common case
         x, y, _ = together
