@@ -105,6 +105,7 @@ from . import history as _history  # noqa: F401  (registers foolsgold, fldetecto
 from . import pre as _pre  # noqa: F401  (registers the pre-aggregation steps)
 from . import rules as _rules  # noqa: F401  (registers the rules)
 from . import trust as _trust  # noqa: F401  (registers fltrust)
+from ._checks import checked
 from ._types import AggregationResult, Aggregator, PreAggregator, PreAggResult, PreconditionError
 from .catalog import (
     PRE_AGGREGATORS,
@@ -130,6 +131,7 @@ __all__ = [
     "Registry",
     "central_dp_refusal",
     "check_params",
+    "checked",
     "compose",
     "derive_seed",
     "dp_compatible_steps",

@@ -53,6 +53,10 @@ def checked(updates: Tensor, weights: Tensor | None) -> Iterator[None]:
     pre-aggregation step, say) is still checked. Scoped to the block and to the current
     thread or task: nothing is remembered across calls.
 
+    A caller whose inputs are valid by construction may vouch for them the same way: the
+    server's round loop does for the update stack it built from checked replies (finite,
+    float64), so that a rule does not scan the ``(n, d)`` stack once more.
+
     Parameters
     ----------
     updates, weights

@@ -8,6 +8,7 @@ saves whole.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from aggregation import AggregationResult, Aggregator, PreconditionError
+from aggregation import AggregationResult, Aggregator, PreconditionError, checked
 from aggregation.registry import derive_seed, make_generator
 
 from .metrics_log import safe_text
@@ -34,7 +35,7 @@ from .rounds import (
     validate_replies,
 )
 from .sampling import draw_sample, wait_for_nodes
-from .stages import Component, Plan, Round, Transport, Verdict
+from .stages import Component, Plan, Round, Transport, Verdict, stages_of
 
 __all__ = ["Federation", "RunState", "StageFailure", "run_rounds"]
 
@@ -333,7 +334,8 @@ def _apply(
         ref, states[c.name] = _guarded("server_update", c.name, c.server_update,
                                        rnd, fed.load(rnd.global_flat), states[c.name])
         rnd.server_update = ref if ref is not None else rnd.server_update
-    for c in fed.components:
+    transforms = [c for c in fed.components if "transform" in stages_of(c)]
+    for c in transforms:
         updates, weights, states[c.name] = _guarded(
             "transform", c.name, c.transform, rnd, updates, weights, states[c.name])
     # on the aggregation device: noise and permutations are drawn where the updates are
@@ -347,9 +349,22 @@ def _apply(
     else:
         # row i of the stack is rnd.accepted[i] (stack_updates; transforms keep the rows)
         clients = client_ids([r.node_id for r in rnd.accepted], device=fed.device)
-        result = _guarded("aggregate", f"rule {fed.rule.name}", lambda: fed.rule(
-            updates, weights, state=run.rule_state, generator=gen, clients=clients,
-            reference=rnd.server_update))
+        # Untransformed, the stack of a model narrower than float64 is valid by
+        # construction: finite replies (at most float32's 3.4e38) minus a finite float64
+        # global model cannot overflow float64, and the weights are validated replies'
+        # num-examples (1 to 2^40). The rule need not scan the (n, d) stack again. A
+        # transformed stack (it may have been changed in place), or one of float64 replies
+        # (1e308 - (-1e308) overflows), is checked as usual.
+        narrow = all(torch.finfo(t).max < 1e300 for t in fed.spec.dtypes)
+        vouched = (checked(updates, weights) if narrow and not transforms
+                   else contextlib.nullcontext())
+
+        def aggregate() -> AggregationResult:
+            with vouched:
+                return fed.rule(updates, weights, state=run.rule_state, generator=gen,
+                                clients=clients, reference=rnd.server_update)
+
+        result = _guarded("aggregate", f"rule {fed.rule.name}", aggregate)
         rule_state = result.state
     update = result.update
     for c in fed.components:

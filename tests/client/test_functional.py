@@ -236,3 +236,37 @@ def test_starting_from_one_expanded_model_is_bit_identical(
     viewed, loss_v = local_train_stacked(model, views, data, st, generators=_gens(3))
     assert all(torch.equal(copies[k], viewed[k]) for k in copies)
     assert torch.equal(loss_c, loss_v)
+
+
+DEVICES = ["cpu", pytest.param(
+    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_stacked_training_on_each_device_matches_local_train_there(
+    device: str, model_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batched path on the accelerator (CUDA where the machine has one) trains as
+    ``local_train`` on the same device; its results stay there, in the model's dtype.
+    cuDNN's TF32 is off (its 10-bit products differ between convolution algorithms)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    dev = torch.device(device)
+    st = SETTINGS["sgd-momentum-wd"]
+    sizes = [9, 3, 17]
+    data = _data(sizes)
+    model = _model(model_name)
+    params, loss = local_train_stacked(model, stack_parameters(model, len(sizes)), data, st,
+                                       generators=_gens(len(sizes)), device=dev)
+    assert all(p.device.type == dev.type and p.dtype == torch.float32 for p in params.values())
+    assert loss.device.type == dev.type and loss.shape == (len(sizes),)
+    for i, ((x, y), gen) in enumerate(zip(data, _gens(len(sizes)), strict=True)):
+        ref = _model(model_name)
+        start = {k: v.detach().clone() for k, v in ref.named_parameters()}
+        out = local_train(ref, x, y, st, device=dev, generator=gen)
+        for k, v in ref.named_parameters():
+            step = (v.detach().cpu() - start[k]).norm()
+            got = params[k][i].cpu()
+            # CUDA kernels sum in other orders than the CPU's; tolerance as on the CPU
+            assert float((got - v.detach().cpu()).norm()) <= 1e-4 * float(step) + 1e-5, (i, k)
+        assert float(loss[i]) == pytest.approx(out["train-loss"], rel=1e-4)

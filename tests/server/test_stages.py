@@ -180,3 +180,73 @@ def test_components_need_unique_names_and_one_owner_per_stage() -> None:
 
     with pytest.raises(ValueError, match="owns_exchange"):
         _fed((TwoExchanges(), Other()))
+
+
+class _ScaleInPlace(Component):
+    """Multiplies the stack in place (returns the same tensor object)."""
+
+    name = "scale-in-place"
+
+    def transform(self, rnd: Any, updates: torch.Tensor, weights: torch.Tensor,
+                  state: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        updates.mul_(self.factor)
+        return updates, weights, state
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+
+def _stack_scans(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """Record the shape of every (n, d) stack that aggregation's input check scans."""
+    import aggregation._checks as checks
+
+    scans: list[tuple[int, ...]] = []
+    validate = checks._validate
+
+    def counting(rule: str, updates: object, weights: object | None) -> Any:
+        if isinstance(updates, torch.Tensor) and updates.dim() == 2:
+            scans.append(tuple(updates.shape))
+        return validate(rule, updates, weights)
+
+    monkeypatch.setattr(checks, "_validate", counting)
+    return scans
+
+
+def test_the_rule_trusts_the_servers_own_stack_but_checks_a_transformed_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = sum(p.numel() for p in build_task(_app_cfg(_cfg()).flat).build_model().parameters())
+    all_scans = _stack_scans(monkeypatch)
+    rows = run_in_process(_cfg(f"out-dir={tmp_path / 'a'}", "num-server-rounds=2"))
+    scans = [s for s in all_scans if s == (6, d)]  # not the start-up probe of the rule
+    assert len(rows) == 3 and scans == []  # finite by construction: never scanned again
+    # a transform may change the stack in place: the rule checks it, and refuses an
+    # overflow that the transform made, which it could not if it trusted the stack
+    run_in_process(_cfg(f"out-dir={tmp_path / 'b'}", "num-server-rounds=2"),
+                   components=[_ScaleInPlace(1.0)])
+    assert [s for s in all_scans if s == (6, d)] == [(6, d)] * 2
+    bad = run_in_process(_cfg(f"out-dir={tmp_path / 'c'}", "num-server-rounds=1"),
+                         components=[_ScaleInPlace(float("inf"))])
+    assert bad[-1]["skipped"]
+    assert "mean: updates contain NaN or Inf" in bad[-1]["skipped_reason"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_rule_checks_the_stack_of_a_float64_model(dtype: torch.dtype) -> None:
+    # float64 replies can overflow when the global model is subtracted (1e308 - (-1e308)):
+    # their stack is checked; a float32 model's stack cannot overflow and is trusted
+    from server.loop import RunState, StageFailure, _apply
+    from server.stages import Round
+
+    fed = _fed(())
+    model = torch.nn.Linear(2, 2).to(dtype)
+    fed = Federation(**{**fed.__dict__, "model": model, "base_state": model.state_dict(),
+                        "spec": ModelSpec.from_state(model.state_dict())})
+    g = torch.zeros(fed.spec.dim, dtype=torch.float64)
+    updates = torch.full((3, fed.spec.dim), float("inf"), dtype=torch.float64)
+    run = RunState(1, g, None, {})
+    rnd = Round(1, g)
+    # trusted, the input scan is skipped; the rule's check of its output still refuses
+    reason = "updates contain NaN or Inf" if dtype == torch.float64 else "non-finite update"
+    with pytest.raises(StageFailure, match=reason):
+        _apply(fed, rnd, run, {}, g, updates, torch.ones(3, dtype=torch.float64))

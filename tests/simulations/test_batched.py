@@ -112,6 +112,26 @@ def test_batched_replies_equal_the_client_apps(feature: str) -> None:
         assert mb["train-loss"] == pytest.approx(mp["train-loss"], rel=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("feature", ["sgd-momentum-weight-decay", "cnn-adam-unequal",
+                                     "sign-flip", "local-dp", "hashed-order"])
+def test_batched_replies_equal_the_client_apps_on_cuda(
+    feature: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both engines train on the GPU (``device=cuda``) and still agree; replies come back
+    to the server on the CPU, as the ClientApp's do. cuDNN's TF32 is off here: its 10-bit
+    products differ between any two convolution algorithms by about 1e-3."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    cfg = {**_config(*FEATURES[feature]), "device": "cuda"}
+    per_client = _round(cfg, batched=False)
+    batched = _round(cfg, batched=True)
+    for r in (*per_client, *batched):
+        assert all(v.device.type == "cpu" for v in r.arrays["arrays"].values())
+    u_p, u_b = _updates(per_client, cfg), _updates(batched, cfg)
+    err = (u_b - u_p).norm(dim=1) / u_p.norm(dim=1)
+    assert float(err.max()) < 1e-4, err
+
+
 def test_the_batch_order_setting_changes_the_batches() -> None:
     """The hashed-order cases above compare engines under the hashed setting: both engines
     must actually use it (the updates differ from the generator's)."""
