@@ -19,7 +19,6 @@ from flwr.clientapp import ClientApp
 from torch import Tensor, nn
 
 from aggregation.registry import derive_seed, make_generator
-from privacy.accounting import DEFAULT_ACCOUNTANT
 from runconfig.config import RunConfig, Scalar
 
 from .secagg import secagg_reply, update_and_weight
@@ -83,7 +82,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     device = resolve_device(cfg.device)
     loss_fn = None
     if cfg.adversarial_training:
-        loss_fn = _pgd_loss(cfg.adversarial_training, make_generator(
+        loss_fn = _pgd_loss(pgd_options(cfg), make_generator(
             derive_seed(cfg.seed, "pgd", client.pid, "round", server_round)))
     extra: dict[str, float] = {}
     if cfg.dp_sgd:
@@ -114,16 +113,68 @@ def handle_train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _pgd_loss(params: Mapping[str, Any], generator: torch.Generator) -> Any:
+PGD_BOX = (0.0, 1.0)
+"""The box PGD adversarial training projects its inputs on: the [0, 1] of fedshield's
+datasets (the client refuses training inputs outside it)."""
+
+
+def pgd_options(cfg: RunConfig) -> tuple[float, float, int]:
+    """``adversarial-training``'s ``(eps, alpha, steps)`` with their defaults (``eps=0.1``,
+    ``alpha=eps/4``, ``steps=5``), checked.
+
+    Raises
+    ------
+    ValueError
+        ``eps`` not a finite number ``>= 0``, ``alpha`` not ``> 0`` (with ``eps=0`` give
+        ``alpha``), ``steps`` not an int ``>= 1``.
+    """
+    from privacy.checks import check_int, check_nonnegative, check_positive
+
+    p = cfg.adversarial_training
+    eps = check_nonnegative("adversarial-training eps", p.get("eps", 0.1))
+    alpha = check_positive("adversarial-training alpha (default eps/4)",
+                           p.get("alpha", eps / 4))
+    steps = check_int("adversarial-training steps", p.get("steps", 5), 1)
+    return eps, alpha, steps
+
+
+def dp_sgd_options(cfg: RunConfig) -> dict[str, Any]:
+    """``dp-sgd``'s settings as :func:`client.dp_sgd.dp_sgd_train` takes them, with their
+    defaults (``max_grad_norm=1.0``, ``delta=1e-5``, the default accountant), checked.
+
+    Raises
+    ------
+    ValueError
+        A value out of range (the norm, noise and epsilons finite and ``> 0``, ``delta``
+        in ``(0, 1)``) or an unknown accountant.
+    """
+    from privacy.accounting import DEFAULT_ACCOUNTANT, check_accountant
+    from privacy.checks import check_delta, check_positive
+
+    p = dict(cfg.dp_sgd)
+
+    def optional(key: str) -> float | None:
+        return None if key not in p else check_positive(f"dp-sgd {key}", p[key])
+
+    return {
+        "max_grad_norm": check_positive("dp-sgd max_grad_norm", p.get("max_grad_norm", 1.0)),
+        "delta": check_delta(p.get("delta", 1e-5)),
+        "noise_multiplier": optional("noise_multiplier"),
+        "target_epsilon": optional("target_epsilon"),
+        "max_epsilon": optional("max_epsilon"),
+        "accountant": check_accountant(p.get("accountant", DEFAULT_ACCOUNTANT)),
+    }
+
+
+def _pgd_loss(options: tuple[float, float, int], generator: torch.Generator) -> Any:
     from .adversarial import pgd_adversarial_loss
 
-    eps = float(params.get("eps", 0.1))
-    alpha = float(params.get("alpha", eps / 4))
-    steps = int(params.get("steps", 5))
+    eps, alpha, steps = options
 
     def loss(model: nn.Module, xb: Tensor, yb: Tensor) -> Tensor:
         return pgd_adversarial_loss(
-            model, xb, yb, eps=eps, alpha=alpha, steps=steps, generator=generator
+            model, xb, yb, eps=eps, alpha=alpha, steps=steps, generator=generator,
+            clamp=PGD_BOX,
         )
 
     return loss
@@ -139,7 +190,7 @@ def _train_dp_sgd(
 
     from .dp_sgd import dp_sgd_train
 
-    p = dict(cfg.dp_sgd)
+    options = dp_sgd_options(cfg)
     history = (
         history_from_json(str(context.state["dp-sgd"]["history"]))
         if "dp-sgd" in context.state else []
@@ -149,16 +200,11 @@ def _train_dp_sgd(
     res = dp_sgd_train(
         model, optimizer, x, y,
         batch_size=settings.batch_size,
-        max_grad_norm=float(p.get("max_grad_norm", 1.0)),
         epochs=settings.epochs,
-        delta=float(p.get("delta", 1e-5)),
         generator=generator,
-        noise_multiplier=None if "noise_multiplier" not in p else float(p["noise_multiplier"]),
-        target_epsilon=None if "target_epsilon" not in p else float(p["target_epsilon"]),
         planned_rounds=cfg.num_rounds,
-        max_epsilon=None if "max_epsilon" not in p else float(p["max_epsilon"]),
-        accountant=p.get("accountant", DEFAULT_ACCOUNTANT),
         history=history,
+        **options,
         loss_fn=loss_fn,
     )
     context.state["dp-sgd"] = ConfigRecord({"history": res.history_json()})

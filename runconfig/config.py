@@ -350,6 +350,10 @@ class RunConfig:
             )
         if self.num_malicious < 0:
             raise ValueError(f"num-malicious must be >= 0, got {self.num_malicious}")
+        if self.attack_start_round < 1:
+            raise ValueError(
+                f"attack-start-round must be >= 1 (rounds count from 1; 1 attacks from the "
+                f"start), got {self.attack_start_round}")
         if self.attack_knowledge not in ATTACK_KNOWLEDGE:
             raise ValueError(
                 f"attack-knowledge must be one of {', '.join(ATTACK_KNOWLEDGE)}, got "

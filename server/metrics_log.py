@@ -216,8 +216,10 @@ def _round_of(line: str) -> int | None:
 def _log_report(report: Mapping[str, Any]) -> None:
     rnd = report["round"]
     for rej in report.get("rejected", ()):
-        log.info("round %s: rejected node %s (partition %s) [%s]: %s",
-                 rnd, rej["node_id"], rej["partition_id"], rej["stage"], rej["reason"])
+        pid = rej["partition_id"]  # -1: the reply carried none (an error reply, a timeout)
+        log.info("round %s: rejected node %s (%s) [%s]: %s", rnd, rej["node_id"],
+                 f"partition {pid}" if pid >= 0 else "no partition reported", rej["stage"],
+                 rej["reason"])
     if report.get("skipped"):
         log.warning("round %s skipped: %s", rnd,
                     report.get("skipped_reason") or report.get("stopped"))

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from aggregation.registry import derive_seed, make_generator
-from client.app import parse_run_config, train_settings
+from client.app import PGD_BOX, parse_run_config, pgd_options, train_settings
 from client.functional import (
     Perturb,
     StackedData,
@@ -342,11 +342,11 @@ def _adversarial(cfg: RunConfig, pids: Sequence[int], server_round: int) -> Pert
     per-client generators; ``None`` without adversarial training."""
     if not cfg.adversarial_training:
         return None
-    p = cfg.adversarial_training
-    eps = float(p.get("eps", 0.1))
+    eps, alpha, steps = pgd_options(cfg)
     return pgd_perturb(
-        eps, float(p.get("alpha", eps / 4)), int(p.get("steps", 5)),
+        eps, alpha, steps,
         [make_generator(derive_seed(cfg.seed, "pgd", pid, "round", server_round)) for pid in pids],
+        clamp=PGD_BOX,
     )
 
 

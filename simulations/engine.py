@@ -452,9 +452,10 @@ def validate(run_config: Mapping[str, Scalar] | RunConfig, num_clients: int) -> 
 
     Everything that can be checked from the config alone is checked by
     :meth:`runconfig.config.RunConfig.from_flat`; in a simulation the engine also knows
-    ``N``: without this, a setting only the clients read (more malicious clients than
-    clients, an unknown attack parameter, a partition that cannot be made) would turn every
-    reply into an error and every round into a skip.
+    ``N`` and can read the data: without this, a setting only the clients read (more
+    malicious clients than clients, an unknown attack parameter or a value the attack
+    refuses on this data, a partition that cannot be made or is empty, PGD on inputs
+    outside its box) would turn every reply into an error and every round into a skip.
 
     Returns
     -------
@@ -464,8 +465,9 @@ def validate(run_config: Mapping[str, Scalar] | RunConfig, num_clients: int) -> 
     import torch
 
     from aggregation.registry import make_generator
+    from client.app import PGD_BOX, dp_sgd_options, pgd_options
     from client.local_dp import local_dp_update
-    from client.malicious import malicious_partitions
+    from client.malicious import is_client_side_attack, malicious_partitions
     from client.train import resolve_device
     from server.privacy import CentralDP
     from server.run import build_rule, check_defense_runs, server_device
@@ -478,7 +480,29 @@ def validate(run_config: Mapping[str, Scalar] | RunConfig, num_clients: int) -> 
     check_names(cfg)
     malicious_partitions(num_clients, cfg.num_malicious, cfg.seed)
     task = build_task(cfg.flat)
-    task.partition_indices(num_clients)
+    parts = task.partition_indices(num_clients)
+    empty = [i for i, idx in enumerate(parts) if idx.numel() == 0]
+    if empty:
+        raise ValueError(
+            f"{len(empty)} of {num_clients} partitions are empty (partition ids "
+            f"{empty[:10]}{' ...' if len(empty) > 10 else ''}; partitioner "
+            f"{cfg.partitioner.name} {dict(cfg.partitioner.params)}): their clients can never "
+            "train, so every round that samples them gets error replies. Give every client "
+            "data: for dirichlet raise min_size or alpha, or lower num-clients")
+    if cfg.dp_sgd:
+        dp_sgd_options(cfg)
+    if cfg.adversarial_training:
+        pgd_options(cfg)
+        x = task.dataset.x_train
+        lo, hi = PGD_BOX
+        if float(x.min()) < lo or float(x.max()) > hi:
+            raise ValueError(
+                f"adversarial-training projects its inputs on [{lo}, {hi}], but dataset "
+                f"{cfg.dataset!r} has training inputs in [{float(x.min()):.4g}, "
+                f"{float(x.max()):.4g}]: every client would refuse to train. Scale the data "
+                "into [0, 1] or drop adversarial-training")
+    if cfg.num_malicious > 0 and is_client_side_attack(cfg.attack.name):
+        _try_client_attack(cfg, task, parts, num_clients)
     if cfg.root_dataset is not None:  # the server's root dataset fits the task (FLTrust)
         task.root_data(cfg.root_dataset)
     if cfg.clients_per_round > num_clients:
@@ -505,6 +529,39 @@ def validate(run_config: Mapping[str, Scalar] | RunConfig, num_clients: int) -> 
         local_dp_update(torch.zeros(2), float(p.pop("clipping_norm")), **p,
                         generator=make_generator(0))
     return cfg
+
+
+def _try_client_attack(cfg: RunConfig, task: Any, parts: Sequence[Any],
+                       num_clients: int) -> None:
+    """Run the client-side attack once, as its first attacker would in the attack's first
+    round, on a few of that client's examples and a small update: a parameter value the
+    attack refuses (a label-flip mode, a trigger on flat inputs) is refused before round 1
+    instead of turning every attacker's reply into an error."""
+    import torch
+
+    from client.malicious import malicious_partitions, reported_examples
+    from client.steps import finish_state, prepare_client
+
+    pid = min(malicious_partitions(num_clients, cfg.num_malicious, cfg.seed))
+    node = {"partition-id": pid, "num-partitions": num_clients}
+    ds = task.dataset
+    idx = parts[pid][:8]
+    r = cfg.attack_start_round
+    model = task.build_model()
+    global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trained = {k: v + 1e-3 if v.is_floating_point() else v.clone()
+               for k, v in global_state.items()}
+    try:
+        client = prepare_client(cfg, node, r, ds.x_train[idx], ds.y_train[idx],
+                                num_classes=task.num_classes)
+        reported_examples(client.role, int(client.x.shape[0]), r)
+        benign = torch.cat([v.reshape(-1) for v in trained.values() if v.is_floating_point()])
+        finish_state(cfg, client, r, global_state, trained, benign=benign)
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise ValueError(
+            f"attack {cfg.attack.name!r} (attack-params {dict(cfg.attack.params)}) fails on "
+            f"this task's data, so every attacker's reply would be an error: "
+            f"{type(exc).__name__}: {exc}") from exc
 
 
 def run_in_process(

@@ -82,6 +82,20 @@ def test_client_strings_reach_files_log_and_callback_escaped_and_capped(
                for r in caplog.records)
 
 
+def test_a_rejection_without_a_partition_says_so_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = MetricsLog(str(tmp_path))
+    metrics.configure(Plan("fixed", 0, 0, 1.0, 1.0))
+    caplog.set_level(logging.INFO, logger="fedshield.server")
+    report = _report(1, "client error 500: boom")
+    report["rejected"][0]["partition_id"] = -1  # an error reply carries no metrics
+    metrics.publish(1, {"round": 1, "accuracy": 0.6}, report, None)
+    lines = [r.getMessage() for r in caplog.records if "rejected node 7" in r.getMessage()]
+    assert lines == ["round 1: rejected node 7 (no partition reported) [invalid]: "
+                     "client error 500: boom"]
+
+
 def _lines(rounds: range) -> str:
     return "".join(json.dumps({"round": r, "accuracy": 0.1}) + "\n" for r in rounds)
 
