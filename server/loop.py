@@ -35,7 +35,7 @@ from .rounds import (
     validate_replies,
 )
 from .sampling import draw_sample, wait_for_nodes
-from .stages import Component, Plan, Round, Transport, Verdict, stages_of
+from .stages import Component, Plan, Round, Transport, Verdict
 
 __all__ = ["Federation", "RunState", "StageFailure", "run_rounds"]
 
@@ -334,8 +334,8 @@ def _apply(
         ref, states[c.name] = _guarded("server_update", c.name, c.server_update,
                                        rnd, fed.load(rnd.global_flat), states[c.name])
         rnd.server_update = ref if ref is not None else rnd.server_update
-    transforms = [c for c in fed.components if "transform" in stages_of(c)]
-    for c in transforms:
+    stacked = updates
+    for c in fed.components:
         updates, weights, states[c.name] = _guarded(
             "transform", c.name, c.transform, rnd, updates, weights, states[c.name])
     # on the aggregation device: noise and permutations are drawn where the updates are
@@ -349,15 +349,17 @@ def _apply(
     else:
         # row i of the stack is rnd.accepted[i] (stack_updates; transforms keep the rows)
         clients = client_ids([r.node_id for r in rnd.accepted], device=fed.device)
-        # Untransformed, the stack of a model narrower than float64 is valid by
+        # Untransformed, a non-empty stack of a model narrower than float64 is valid by
         # construction: finite replies (at most float32's 3.4e38) minus a finite float64
         # global model cannot overflow float64, and the weights are validated replies'
-        # num-examples (1 to 2^40). The rule need not scan the (n, d) stack again. A
-        # transformed stack (it may have been changed in place), or one of float64 replies
-        # (1e308 - (-1e308) overflows), is checked as usual.
-        narrow = all(torch.finfo(t).max < 1e300 for t in fed.spec.dtypes)
-        vouched = (checked(updates, weights) if narrow and not transforms
-                   else contextlib.nullcontext())
+        # num-examples (1 to 2^40). The rule need not scan the (n, d) stack again. An empty
+        # stack (min-clients=0 and no valid reply), a stack a transform may have changed
+        # (even in place), or one of float64 replies (1e308 - (-1e308) overflows) is
+        # checked as usual.
+        trusted = (updates is stacked and updates.shape[0] >= 1
+                   and not any(_transforms(c) for c in fed.components)
+                   and all(torch.finfo(t).max < 1e300 for t in fed.spec.dtypes))
+        vouched = checked(updates, weights) if trusted else contextlib.nullcontext()
 
         def aggregate() -> AggregationResult:
             with vouched:
@@ -371,6 +373,12 @@ def _apply(
         update, states[c.name] = _guarded(
             "post_aggregate", c.name, c.post_aggregate, rnd, update, states[c.name])
     return result, update, rule_state
+
+
+def _transforms(component: Component) -> bool:
+    """Whether ``component`` may change the update stack: its ``transform`` is not the
+    base class's no-op (overridden in its class or set on the instance)."""
+    return getattr(component.transform, "__func__", None) is not Component.transform
 
 
 def _evaluate(fed: Federation, run: RunState, number: int, flat: Tensor) -> dict[str, float]:

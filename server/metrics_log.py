@@ -216,10 +216,10 @@ def _round_of(line: str) -> int | None:
 def _log_report(report: Mapping[str, Any]) -> None:
     rnd = report["round"]
     for rej in report.get("rejected", ()):
-        pid = rej["partition_id"]  # -1: the reply carried none (an error reply, a timeout)
+        pid = rej["partition_id"]  # -1: a node on its own data, or no metrics (an error)
         log.info("round %s: rejected node %s (%s) [%s]: %s", rnd, rej["node_id"],
-                 f"partition {pid}" if pid >= 0 else "no partition reported", rej["stage"],
-                 rej["reason"])
+                 f"partition {pid}" if pid >= 0 else "no partition: own data or no metrics",
+                 rej["stage"], rej["reason"])
     if report.get("skipped"):
         log.warning("round %s skipped: %s", rnd,
                     report.get("skipped_reason") or report.get("stopped"))

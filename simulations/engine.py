@@ -488,7 +488,8 @@ def validate(run_config: Mapping[str, Scalar] | RunConfig, num_clients: int) -> 
             f"{empty[:10]}{' ...' if len(empty) > 10 else ''}; partitioner "
             f"{cfg.partitioner.name} {dict(cfg.partitioner.params)}): their clients can never "
             "train, so every round that samples them gets error replies. Give every client "
-            "data: for dirichlet raise min_size or alpha, or lower num-clients")
+            "data: lower num-clients, or change the partitioner's parameters (dirichlet: "
+            "raise min_size or alpha)")
     if cfg.dp_sgd:
         dp_sgd_options(cfg)
     if cfg.adversarial_training:
@@ -539,12 +540,20 @@ def _try_client_attack(cfg: RunConfig, task: Any, parts: Sequence[Any],
     instead of turning every attacker's reply into an error."""
     import torch
 
-    from client.malicious import malicious_partitions, reported_examples
+    from client.malicious import BACKDOORS, malicious_partitions, reported_examples
     from client.steps import finish_state, prepare_client
+    from server.rounds import MAX_NUM_EXAMPLES
 
-    pid = min(malicious_partitions(num_clients, cfg.num_malicious, cfg.seed))
-    node = {"partition-id": pid, "num-partitions": num_clients}
+    attack, params = cfg.attack.name, dict(cfg.attack.params)
     ds = task.dataset
+    if attack in BACKDOORS and len(ds.input_shape) < 2:
+        raise ValueError(
+            f"attack {attack!r} stamps a trigger on images, but dataset {cfg.dataset!r} has "
+            f"flat inputs {tuple(ds.input_shape)}: use a dataset of (C, H, W) images (digits, "
+            "mnist, cifar10) or another attack")
+    attackers = sorted(malicious_partitions(num_clients, cfg.num_malicious, cfg.seed))
+    pid = attackers[0]
+    node = {"partition-id": pid, "num-partitions": num_clients}
     idx = parts[pid][:8]
     r = cfg.attack_start_round
     model = task.build_model()
@@ -554,14 +563,19 @@ def _try_client_attack(cfg: RunConfig, task: Any, parts: Sequence[Any],
     try:
         client = prepare_client(cfg, node, r, ds.x_train[idx], ds.y_train[idx],
                                 num_classes=task.num_classes)
-        reported_examples(client.role, int(client.x.shape[0]), r)
+        largest = max(int(parts[p].numel()) for p in attackers)
+        reported = reported_examples(client.role, largest, r)
         benign = torch.cat([v.reshape(-1) for v in trained.values() if v.is_floating_point()])
         finish_state(cfg, client, r, global_state, trained, benign=benign)
     except (ValueError, TypeError, KeyError, RuntimeError) as exc:
         raise ValueError(
-            f"attack {cfg.attack.name!r} (attack-params {dict(cfg.attack.params)}) fails on "
-            f"this task's data, so every attacker's reply would be an error: "
-            f"{type(exc).__name__}: {exc}") from exc
+            f"attack {attack!r} (attack-params {params}) fails when a client runs it, so "
+            f"every attacker's reply would be an error: {type(exc).__name__}: {exc}") from exc
+    if reported > MAX_NUM_EXAMPLES:
+        raise ValueError(
+            f"attack {attack!r} (attack-params {params}) makes an attacker with {largest} "
+            f"examples report {reported}, above the {MAX_NUM_EXAMPLES} the server accepts: "
+            "every such reply would be refused as invalid; lower factor")
 
 
 def run_in_process(

@@ -200,7 +200,9 @@ def dirichlet(
     alpha
         Concentration, ``> 0``: 0.1 is strongly skewed, 100 is close to IID.
     min_size
-        Smallest acceptable client size, ``>= 0`` and ``n * min_size <= N``.
+        Smallest acceptable client size, ``>= 0`` and ``n * min_size <= N``. With 0 a
+        client may get no data: the partition is still made, but the simulation engine
+        refuses a run with an empty partition (its client could never train).
 
     Returns
     -------

@@ -92,7 +92,7 @@ def test_a_rejection_without_a_partition_says_so_in_the_log(
     report["rejected"][0]["partition_id"] = -1  # an error reply carries no metrics
     metrics.publish(1, {"round": 1, "accuracy": 0.6}, report, None)
     lines = [r.getMessage() for r in caplog.records if "rejected node 7" in r.getMessage()]
-    assert lines == ["round 1: rejected node 7 (no partition reported) [invalid]: "
+    assert lines == ["round 1: rejected node 7 (no partition: own data or no metrics) [invalid]: "
                      "client error 500: boom"]
 
 

@@ -219,7 +219,8 @@ def test_the_rule_trusts_the_servers_own_stack_but_checks_a_transformed_one(
     all_scans = _stack_scans(monkeypatch)
     rows = run_in_process(_cfg(f"out-dir={tmp_path / 'a'}", "num-server-rounds=2"))
     scans = [s for s in all_scans if s == (6, d)]  # not the start-up probe of the rule
-    assert len(rows) == 3 and scans == []  # finite by construction: never scanned again
+    assert len(rows) == 3 and not any(r["skipped"] for r in rows[1:])
+    assert scans == []  # finite by construction: never scanned again
     # a transform may change the stack in place: the rule checks it, and refuses an
     # overflow that the transform made, which it could not if it trusted the stack
     run_in_process(_cfg(f"out-dir={tmp_path / 'b'}", "num-server-rounds=2"),
@@ -250,3 +251,30 @@ def test_the_rule_checks_the_stack_of_a_float64_model(dtype: torch.dtype) -> Non
     reason = "updates contain NaN or Inf" if dtype == torch.float64 else "non-finite update"
     with pytest.raises(StageFailure, match=reason):
         _apply(fed, rnd, run, {}, g, updates, torch.ones(3, dtype=torch.float64))
+
+
+def test_an_empty_stack_is_refused_by_the_rule_not_trusted(tmp_path: Path) -> None:
+    # min-clients=0 and no valid reply: the (0, d) stack must not pass as "checked"; the
+    # rule refuses it and the round is skipped, with the rule's reason
+    cfg = _cfg(f"out-dir={tmp_path}", "min-clients=0", "num-server-rounds=1")
+    rows = run_in_process(cfg, fault=lambda pid, msg: msg.metadata.message_type == "train")
+    assert rows[1]["skipped"] and rows[1]["num-kept"] == 0
+    assert "mean: updates must have n >= 1 clients" in rows[1]["skipped_reason"]
+
+
+def test_a_transform_set_on_an_instance_runs_and_the_stack_is_checked_after_it(
+    tmp_path: Path
+) -> None:
+    calls: list[int] = []
+
+    def blow_up(rnd: Any, updates: torch.Tensor, weights: torch.Tensor,
+                state: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        calls.append(rnd.number)
+        updates.mul_(float("inf"))
+        return updates, weights, state
+
+    comp = RoundCounter()
+    comp.transform = blow_up  # type: ignore[method-assign]
+    rows = run_in_process(_cfg(f"out-dir={tmp_path}", "num-server-rounds=1"), components=[comp])
+    assert calls == [1]
+    assert "mean: updates contain NaN or Inf" in rows[1]["skipped_reason"]
