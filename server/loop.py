@@ -35,7 +35,7 @@ from .rounds import (
     validate_replies,
 )
 from .sampling import draw_sample, wait_for_nodes
-from .stages import Component, Plan, Round, Transport, Verdict
+from .stages import Component, Plan, Round, Transport, Verdict, stages_of
 
 __all__ = ["Federation", "RunState", "StageFailure", "run_rounds"]
 
@@ -334,7 +334,6 @@ def _apply(
         ref, states[c.name] = _guarded("server_update", c.name, c.server_update,
                                        rnd, fed.load(rnd.global_flat), states[c.name])
         rnd.server_update = ref if ref is not None else rnd.server_update
-    stacked = updates
     for c in fed.components:
         updates, weights, states[c.name] = _guarded(
             "transform", c.name, c.transform, rnd, updates, weights, states[c.name])
@@ -356,8 +355,8 @@ def _apply(
         # stack (min-clients=0 and no valid reply), a stack a transform may have changed
         # (even in place), or one of float64 replies (1e308 - (-1e308) overflows) is
         # checked as usual.
-        trusted = (updates is stacked and updates.shape[0] >= 1
-                   and not any(_transforms(c) for c in fed.components)
+        trusted = (updates.shape[0] >= 1
+                   and not any("transform" in stages_of(c) for c in fed.components)
                    and all(torch.finfo(t).max < 1e300 for t in fed.spec.dtypes))
         vouched = checked(updates, weights) if trusted else contextlib.nullcontext()
 
@@ -373,12 +372,6 @@ def _apply(
         update, states[c.name] = _guarded(
             "post_aggregate", c.name, c.post_aggregate, rnd, update, states[c.name])
     return result, update, rule_state
-
-
-def _transforms(component: Component) -> bool:
-    """Whether ``component`` may change the update stack: its ``transform`` is not the
-    base class's no-op (overridden in its class or set on the instance)."""
-    return getattr(component.transform, "__func__", None) is not Component.transform
 
 
 def _evaluate(fed: Federation, run: RunState, number: int, flat: Tensor) -> dict[str, float]:

@@ -227,8 +227,9 @@ class Component:
 
 
 def stages_of(component: Component) -> list[str]:
-    """The stages ``component`` acts at: the methods it overrides."""
+    """The stages ``component`` acts at: the methods it overrides, in its class or set on
+    the instance."""
     return [
         s for s in STAGES
-        if getattr(type(component), s, None) is not getattr(Component, s)
+        if getattr(getattr(component, s), "__func__", None) is not getattr(Component, s)
     ]

@@ -556,14 +556,12 @@ def _try_client_attack(cfg: RunConfig, task: Any, parts: Sequence[Any],
     node = {"partition-id": pid, "num-partitions": num_clients}
     idx = parts[pid][:8]
     r = cfg.attack_start_round
-    model = task.build_model()
-    global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    trained = {k: v + 1e-3 if v.is_floating_point() else v.clone()
-               for k, v in global_state.items()}
+    global_state = task.build_model().state_dict()
+    trained = {k: v + 1e-3 if v.is_floating_point() else v for k, v in global_state.items()}
+    largest = max(int(parts[p].numel()) for p in attackers)
     try:
         client = prepare_client(cfg, node, r, ds.x_train[idx], ds.y_train[idx],
                                 num_classes=task.num_classes)
-        largest = max(int(parts[p].numel()) for p in attackers)
         reported = reported_examples(client.role, largest, r)
         benign = torch.cat([v.reshape(-1) for v in trained.values() if v.is_floating_point()])
         finish_state(cfg, client, r, global_state, trained, benign=benign)
