@@ -13,8 +13,9 @@ it prints the steady-state seconds per round of:
 - **batched, hashed**: the same with ``batch-order = "hashed"``: each client's batch order
   from a hash computed for all clients at once (:mod:`client.order`) instead of a
   ``torch.Generator`` per client;
-- **batched core**: :func:`client.functional.local_train_stacked` on all n clients and
-  the mean update, the training alone (no messages, no server), as the plain loop.
+- **batched core**: :func:`client.functional.local_train_stacked` on all n clients (from
+  the global model expanded n times, as the engine starts them) and the mean update, the
+  training alone (no messages, no server), as the plain loop.
 
 Training is the same everywhere: digits, iid partition over n clients, 2 local epochs,
 batch 32, SGD with lr 0.3 (the run config's defaults), CPU. Engine figures are whole
@@ -53,7 +54,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from aggregation.registry import derive_seed, make_generator  # noqa: E402
-from client.functional import local_train_stacked, stack_parameters  # noqa: E402
+from client.functional import local_train_stacked  # noqa: E402
 from client.train import TrainSettings  # noqa: E402
 from simulations.config import resolve_config  # noqa: E402
 from simulations.engine import keep_freed_memory, run_in_process  # noqa: E402
@@ -111,8 +112,9 @@ def _plain_round(model: nn.Module, data: Sequence[tuple[Tensor, Tensor]],
 def _batched_round(model: nn.Module, data: Sequence[tuple[Tensor, Tensor]],
                    st: TrainSettings, r: int) -> None:
     gens = [make_generator(derive_seed(0, "bench", i, r)) for i in range(len(data))]
-    params, _ = local_train_stacked(model, stack_parameters(model, len(data)), data, st,
-                                    generators=gens)
+    start = {name: p.detach().unsqueeze(0).expand(len(data), *p.shape)  # as the engine starts
+             for name, p in model.named_parameters()}
+    params, _ = local_train_stacked(model, start, data, st, generators=gens)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(params[name].mean(0))

@@ -22,6 +22,14 @@ What makes K clients train like K separate runs of :func:`client.train.local_tra
 - **No shared optimizer state.** Momentum and Adam's moments are stacked like the
   parameters; every client that steps at step ``s`` is at its own step ``s + 1``, so
   Adam's bias correction is one number per step.
+- **One starting model, one first forward pass.** When the K starting points are one
+  model expanded K times (stride 0 along the client axis, as the batched engine passes
+  the global model), the first step's loss is evaluated with the parameters unbatched
+  (``vmap(..., in_dims=None)``): the forward pass and the input gradients are one
+  computation over every client's samples instead of K products with K equal copies;
+  the parameter gradients are still each client's own. From K copies every step is
+  batched. The two agree within float tolerance, not bit for bit (the first step's
+  products sum in another order).
 
 The results equal ``local_train``'s within float tolerance, not bit for bit: a batched
 matrix product sums in another order than K separate ones, and a padded batch's mean is a
@@ -316,7 +324,9 @@ def local_train_stacked(
         The architecture (its own parameters are not used, nor changed); in training mode.
     params
         ``name -> (K, *shape)``: client ``k``'s starting parameters at index ``k``
-        (:func:`stack_parameters`); not changed.
+        (:func:`stack_parameters`), or one model expanded K times (every tensor with
+        stride 0 along the client axis: the first step then runs on the unbatched
+        parameters); not changed.
     data
         K pairs ``(x_k (N_k, ...), y_k (N_k,))``, ``N_k >= 1``; sizes may differ. Or the
         same concatenated (:class:`StackedData`).
@@ -382,10 +392,17 @@ def local_train_stacked(
     # the first step writes new tensors (_optimizer_step), so the caller's are never changed
     # and need no copy here; expanded views (one model for all K) are fine
     stacked = {n: params[n].to(device) for n in names}
-    if not plan.identity:
+    # one model expanded K times (every client starts from the global model): the first
+    # step evaluates the loss with unbatched parameters, so the forward pass and the input
+    # gradients are one computation over all clients' samples, not K products with K
+    # equal copies; the parameter gradients stay per client
+    common = _common_start(stacked)
+    if not plan.identity and common is None:
         stacked = {n: t.index_select(0, order) for n, t in stacked.items()}
     x_all, y_all = x_all.to(device), y_all.to(device)
     step = vmap(grad_and_value(lambda p, x, y, w: loss(model, p, x, y, w)))
+    first = step if common is None else vmap(
+        grad_and_value(lambda p, x, y, w: loss(model, p, x, y, w)), in_dims=(None, 0, 0, 0))
     state: dict[str, Params] = {}
     total = torch.zeros(k, dtype=torch.float64, device=device)
     count = torch.zeros(k, dtype=torch.float64, device=device)
@@ -396,7 +413,10 @@ def local_train_stacked(
         xb, yb, wb = x_all[rows_d], y_all[rows_d], plan.weights[s].to(device)
         if perturb is not None:  # e.g. PGD: the inputs the loss sees this step
             xb = perturb(model, active, xb, yb, wb, plan.order[:a].tolist())
-        grads, values = step(active, xb, yb, wb)
+        if s == 0 and common is not None:
+            grads, values = first(common, xb, yb, wb)
+        else:
+            grads, values = step(active, xb, yb, wb)
         if s == 0:  # every client steps at step 1: new tensors for all K
             stacked = _optimizer_step(settings, active, grads, state, step=1)
         else:
@@ -412,6 +432,18 @@ def local_train_stacked(
     inverse[order] = torch.arange(k, device=device)
     out = {n: t.index_select(0, inverse) for n, t in stacked.items()}
     return out, loss_k.index_select(0, inverse)
+
+
+def _common_start(params: Mapping[str, Tensor]) -> Params | None:
+    """The one model's parameters when every ``(K, ...)`` tensor of ``params`` repeats a
+    single model along its client axis without copies (``expand``: stride 0, as the
+    batched engine passes the global model); ``None`` otherwise (copies may differ)."""
+    out = {}
+    for name, t in params.items():
+        if t.dim() == 0 or t.stride(0) != 0:
+            return None
+        out[name] = t[0]
+    return out
 
 
 def _optimizer_step(

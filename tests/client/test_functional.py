@@ -8,6 +8,7 @@ from torch import nn
 
 from client.functional import (
     client_batches,
+    cross_entropy_loss,
     local_train_stacked,
     make_schedule,
     stack_parameters,
@@ -44,17 +45,27 @@ SETTINGS = {
 }
 
 
+def _views(model: nn.Module, k: int) -> dict[str, torch.Tensor]:
+    """``model`` expanded K times (stride 0, no copies), as the batched engine starts."""
+    return {n: p.detach().unsqueeze(0).expand(k, *p.shape) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("start", ["copies", "views"])
 @pytest.mark.parametrize("model_name", ["mlp", "cnn", "logreg"])
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_k_clients_train_as_k_runs_of_local_train(model_name: str, setting: str) -> None:
+def test_k_clients_train_as_k_runs_of_local_train(
+        model_name: str, setting: str, start: str) -> None:
     """Unequal sizes (one client a single example, one smaller than a batch) train as
-    separate ``local_train`` runs do: parameters and train loss within float tolerance."""
+    separate ``local_train`` runs do: parameters and train loss within float tolerance;
+    from K copies, and from one model expanded K times (the first step then runs on
+    unbatched parameters)."""
     st = SETTINGS[setting]
     sizes = [20, 7, 33, 1, 16]
     data = _data(sizes)
     model = _model(model_name)
-    params, loss = local_train_stacked(model, stack_parameters(model, len(sizes)), data, st,
-                                       generators=_gens(len(sizes)))
+    begin = (stack_parameters(model, len(sizes)) if start == "copies"
+             else _views(model, len(sizes)))
+    params, loss = local_train_stacked(model, begin, data, st, generators=_gens(len(sizes)))
     for i, ((x, y), gen) in enumerate(zip(data, _gens(len(sizes)), strict=True)):
         ref = _model(model_name)
         start = {k: v.detach().clone() for k, v in ref.named_parameters()}
@@ -223,19 +234,36 @@ def test_pgd_perturb_refuses_inputs_outside_the_box() -> None:
 @pytest.mark.parametrize("sizes", [[7, 3, 12], [9, 9, 9]])  # reordered / used as they are
 @pytest.mark.parametrize("setting", list(SETTINGS))
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])
-def test_starting_from_one_expanded_model_is_bit_identical(
+def test_one_expanded_model_takes_unbatched_parameters_at_the_first_step_only(
         model_name: str, setting: str, sizes: list[int]) -> None:
     """The batched engine starts all K clients from views of one model (stride 0, no
-    copies); the result must be the same bits as from K contiguous copies."""
+    copies): the first step's loss sees the one model's parameters (not batched), later
+    steps each client's own; K copies are batched throughout. Both agree within float
+    tolerance (the first step's products sum in another order)."""
+    from torch._C._functorch import get_unwrapped, is_batchedtensor
+
+    seen: list[bool] = []
+
+    def loss(m: nn.Module, p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+             w: torch.Tensor) -> torch.Tensor:  # the parameter under grad's wrapper: vmapped?
+        seen.append(is_batchedtensor(get_unwrapped(next(iter(p.values())))))
+        return cross_entropy_loss(m, p, x, y, w)
+
     model = _model(model_name)
     data = _data(sizes)
     st = SETTINGS[setting]
     copies, loss_c = local_train_stacked(model, stack_parameters(model, 3), data, st,
-                                         generators=_gens(3))
-    views = {n: p.detach().unsqueeze(0).expand(3, *p.shape) for n, p in model.named_parameters()}
-    viewed, loss_v = local_train_stacked(model, views, data, st, generators=_gens(3))
-    assert all(torch.equal(copies[k], viewed[k]) for k in copies)
-    assert torch.equal(loss_c, loss_v)
+                                         generators=_gens(3), loss=loss)
+    assert seen and all(seen)
+    seen.clear()
+    viewed, loss_v = local_train_stacked(model, _views(model, 3), data, st,
+                                         generators=_gens(3), loss=loss)
+    assert seen[0] is False and all(seen[1:]) and len(seen) > 1
+    start = dict(model.named_parameters())
+    for k in copies:  # as against local_train: Adam on the CNN amplifies ulps (1e-5 of a step)
+        step = float((copies[k] - start[k].detach()).norm())
+        assert float((viewed[k] - copies[k]).norm()) <= 1e-4 * step + 1e-6, k
+    torch.testing.assert_close(loss_v, loss_c, rtol=1e-6, atol=0.0)
 
 
 DEVICES = ["cpu", pytest.param(
