@@ -173,6 +173,8 @@ def _train_group(jobs: Sequence[TrainJob]) -> list[Outcome]:
     global_state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
     out: list[Outcome] = [None] * len(jobs)
     ready, data = _prepare_all(cfg, task, jobs, out)
+    if cfg.adversarial_training:
+        ready, data = _inside_pgd_box(ready, data, out)
     if not ready:
         return out
     model.to(device).train()
@@ -323,6 +325,40 @@ def _prepare_all(
         return ready, StackedData(torch.zeros(0), torch.zeros(0), ())
     return ready, StackedData(torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]),
                               tuple(int(x.shape[0]) for x, _ in parts))
+
+
+def _inside_pgd_box(
+    ready: list[_Ready], data: StackedData, out: list[Outcome]
+) -> tuple[list[_Ready], StackedData]:
+    """The clients whose inputs lie in PGD's clamp box, and their data; each other client
+    gets the refusal in ``out`` that ``client.adversarial.pgd`` raises in its ClientApp.
+
+    One client's data outside the box must fail that client alone, as in the per-client
+    engine, not every client that shares its batched step (:func:`pgd_perturb` checks a
+    step's inputs together). The message gives the client's whole data's range; the
+    ClientApp's gives the range of its first batch outside the box.
+    """
+    if not ready:
+        return ready, data
+    lo, hi = PGD_BOX
+    sizes = torch.tensor(data.sizes)
+    flat = data.x.reshape(data.x.shape[0], -1)
+    client = torch.repeat_interleave(torch.arange(len(ready)), sizes)
+    inf = torch.full((len(ready),), float("inf"), dtype=flat.dtype)
+    low = inf.scatter_reduce(0, client, flat.amin(1), "amin")
+    high = (-inf).scatter_reduce(0, client, flat.amax(1), "amax")
+    outside = (low < lo) | (high > hi)
+    if not bool(outside.any()):
+        return ready, data
+    for j in outside.nonzero().flatten().tolist():
+        out[ready[j].job] = ValueError(
+            f"inputs lie in [{float(low[j]):.4g}, {float(high[j]):.4g}], outside the clamp "
+            f"box [{lo}, {hi}]: scale the data into the box or pass clamp=None")
+    keep = ~outside
+    rows = torch.repeat_interleave(keep, sizes)
+    kept = [c for c, k in zip(ready, keep.tolist(), strict=True) if k]
+    return kept, StackedData(data.x[rows], data.y[rows],
+                             tuple(n for n, k in zip(data.sizes, keep.tolist(), strict=True) if k))
 
 
 @functools.lru_cache(maxsize=4)

@@ -290,3 +290,45 @@ def test_a_bad_node_config_gets_the_client_apps_error() -> None:
     assert errors[True] == errors[False]
     assert errors[True][0] is not None and "needs partition-id and num-partitions" in errors[True][0]
     assert all(e is None for e in errors[True][1:])
+
+
+def test_one_client_outside_the_pgd_box_fails_alone_as_in_the_client_app(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """PGD refuses inputs outside its [0, 1] box. One node's data outside it fails that node
+    in the per-client engine; the batched engine used to fail every client of the batched
+    step with it (its PGD checks a step's inputs together). ``validate`` refuses such a run
+    before round 1, so only a direct grid user meets it: here through the grid."""
+    from simulations.task import DatasetTask
+
+    bad = 2
+    plain, concat = DatasetTask.train_data, DatasetTask.train_data_concat
+
+    def train_data(self: DatasetTask, nc: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = plain(self, nc)
+        return (x * 3 if nc.get("partition-id") == bad else x), y
+
+    def train_data_concat(self: DatasetTask, ncs: Any) -> Any:
+        x, y, sizes = concat(self, ncs)
+        x = x.clone()
+        lo = 0
+        for nc, n in zip(ncs, sizes, strict=True):
+            if nc.get("partition-id") == bad:
+                x[lo:lo + n] *= 3
+            lo += n
+        return x, y, sizes
+
+    monkeypatch.setattr(DatasetTask, "train_data", train_data)
+    monkeypatch.setattr(DatasetTask, "train_data_concat", train_data_concat)
+    cfg = _config("adversarial-training=eps=0.1, alpha=0.03, steps=2")
+    model = build_task(cfg).build_model()
+    payload = _payload({k: v.detach() for k, v in model.state_dict().items()}, 2)
+    errors = {}
+    for batched in (False, True):
+        grid = InProcessGrid(client_app, cfg, N, batched=batched)
+        replies = expand_replies(grid.make_transport().send(
+            "train", dict.fromkeys(grid.node_ids, payload), timeout=60.0))
+        errors[batched] = [r.error for r in replies]
+    for batched, errs in errors.items():
+        failed = [i for i, e in enumerate(errs) if e is not None]
+        assert failed == [bad], (batched, errs)
+        assert "outside the clamp box [0.0, 1.0]" in str(errs[bad])
