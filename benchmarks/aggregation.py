@@ -15,6 +15,7 @@ path (decode the replies' ``ArrayRecord`` s, validate, stack, rule, new model) a
 ``n = 100``, ``d = 1e6``.
 
     python benchmarks/aggregation.py --quick     # a subset, in under a minute
+    python benchmarks/aggregation.py --device cuda --n 1000 --d 1e6 1e7   # ours on a GPU
     nohup python benchmarks/aggregation.py > results/bench-aggregation.txt &   # the grid
 
 ``f = n // 10`` Byzantine clients (rows shifted away from the honest ones); Multi-Krum
@@ -53,6 +54,14 @@ RULES = ("median", "trimmed_mean", "krum", "multi_krum", "bulyan", "mean")
 TARGETS = {"krum": 3.0, "multi_krum": 3.0, "median": 3.0, "trimmed_mean": 3.0, "bulyan": 20.0}
 TARGET_CELL = (100, 1_000_000)  # (n, d) where the targets apply
 GIB = 1 << 30
+DEVICE = torch.device("cpu")
+"""Where fedshield's rules and the server path run (``--device``); Flower's are NumPy, CPU."""
+
+
+def _sync() -> None:
+    """Wait for the device's queued work (a CUDA kernel returns before it is done)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 # --- the machine -------------------------------------------------------------------------
@@ -80,14 +89,17 @@ def machine() -> str:
 
 
 def copy_bandwidth(nbytes: int = GIB, repeats: int = 5) -> float:
-    """Bytes moved per second (read + write) by the best of ``repeats`` large copies."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    """Bytes moved per second (read + write) by the best of ``repeats`` large copies on
+    :data:`DEVICE`."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=DEVICE)
     dst = torch.empty_like(src)
     dst.copy_(src)  # touch every page first
     best = math.inf
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         dst.copy_(src)
+        _sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * nbytes / best
 
@@ -226,7 +238,7 @@ def implementations(rule: str) -> list[Impl]:
 
 def build_input(impl: Impl, x: torch.Tensor, counts: torch.Tensor) -> Any:
     if impl.inputs == "tensor":
-        return x
+        return x.to(DEVICE)
     if impl.inputs == "contents":
         return flower_contents(x, counts)
     return flower_results(x, counts)
@@ -245,8 +257,17 @@ def norm_seconds(d: int) -> float:
 
 
 def _bound(impl: Impl, data: Any, counts: torch.Tensor, f: int) -> Callable[[], object]:
-    """One call of ``impl`` on ``data`` (holding the input only while the caller does)."""
-    return lambda: impl.run(data, counts, f)
+    """One call of ``impl`` on ``data`` (holding the input only while the caller does),
+    finished on the device when it returns."""
+    if impl.inputs != "tensor":
+        return lambda: impl.run(data, counts, f)
+    on_device = counts.to(DEVICE)
+
+    def call() -> object:
+        out = impl.run(data, on_device, f)
+        _sync()
+        return out
+    return call
 
 
 def best_time(fn: Callable[[], object], repeats: int, long_call: float = 20.0) -> float:
@@ -290,17 +311,25 @@ def probe(kind: str, rule: str, n: int, d: int) -> None:
     else:
         impl = next(i for i in implementations(rule) if i.label == kind)
         small, small_counts = make_updates(n, 1000)
-        impl.run(build_input(impl, small, small_counts), small_counts, f)
+        _bound(impl, build_input(impl, small, small_counts), small_counts, f)()
         x, counts = make_updates(n, d)
         data = build_input(impl, x, counts)
         del x  # Flower's contents hold their own copy; the other inputs keep x alive
-        peak = _peak_of(lambda: impl.run(data, counts, f))
+        call = _bound(impl, data, counts, f)
+        if impl.inputs == "tensor" and DEVICE.type == "cuda":  # the device's memory
+            torch.cuda.reset_peak_memory_stats(DEVICE)
+            before = torch.cuda.memory_allocated(DEVICE)
+            call()
+            peak = torch.cuda.max_memory_allocated(DEVICE) - before
+        else:
+            peak = _peak_of(call)
     print(json.dumps({"peak_extra": peak}))
 
 
 def measure_peak(kind: str, rule: str, n: int, d: int) -> int | None:
     """Peak extra bytes of one call, measured in a fresh process; ``None`` if it failed."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", kind, rule, str(n), str(d)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--device", str(DEVICE),
+           "--probe", kind, rule, str(n), str(d)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=True)
         return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_extra"])
@@ -346,6 +375,7 @@ def server_path(fx: ServerFixture, rule: str, f: int) -> dict[str, float]:
 
     spec = ModelSpec.from_state(fx.global_state)
     seconds: dict[str, float] = {}
+    _sync()
     t0 = time.perf_counter()
     replies = [
         decode_train_reply(Reply(i, arrays={"arrays": rec.to_torch_state_dict()},
@@ -355,13 +385,16 @@ def server_path(fx: ServerFixture, rule: str, f: int) -> dict[str, float]:
     t1 = time.perf_counter()
     accepted, _ = validate_replies(replies, spec)
     t2 = time.perf_counter()
-    g = spec.flatten(fx.global_state)
+    g = spec.flatten(fx.global_state).to(DEVICE)  # the server's aggregation device
     updates, weights = stack_updates(accepted, g, spec)
+    _sync()
     t3 = time.perf_counter()
     agg = aggregation.get(rule, f=f) if rule not in ("mean", "median") else aggregation.get(rule)
     result = agg(updates, weights)
+    _sync()
     t4 = time.perf_counter()
     new_model = spec.unflatten(g + result.update)
+    _sync()
     t5 = time.perf_counter()
     assert len(new_model) == len(fx.global_state)
     seconds.update(decode=t1 - t0, validate=t2 - t1, stack=t3 - t2, rule=t4 - t3,
@@ -370,6 +403,13 @@ def server_path(fx: ServerFixture, rule: str, f: int) -> dict[str, float]:
 
 
 # --- the table -------------------------------------------------------------------------------
+
+def _device_name() -> str:
+    if DEVICE.type == "cuda":
+        return f"{DEVICE} ({torch.cuda.get_device_name(DEVICE)}, "\
+               f"{torch.cuda.get_device_properties(DEVICE).total_memory / GIB:.0f} GiB)"
+    return str(DEVICE)
+
 
 def _fmt_s(t: float | None, estimated: bool = False) -> str:
     if t is None:
@@ -411,13 +451,20 @@ def run_grid(rules: Sequence[str], ns: Sequence[int], ds: Sequence[int], repeats
                     if need > 0.8 * avail:
                         row[impl.label] = {"skipped": f"needs ~{need / GIB:.1f} GiB"}
                         continue
+                    if impl.inputs == "tensor" and DEVICE.type == "cuda":
+                        free = torch.cuda.mem_get_info(DEVICE)[0]
+                        need = (1 + impl.working_stacks) * stack
+                        if need > 0.9 * free:
+                            row[impl.label] = {"skipped": f"needs ~{need / GIB:.1f} GiB on "
+                                               f"{DEVICE}, {free / GIB:.1f} GiB free"}
+                            continue
                     if impl.pairwise_norms is not None:
                         est = impl.pairwise_norms(n, f) * t_norm
                         if est > cap:
                             row[impl.label] = {"seconds": est, "estimated": True}
                             continue
                     small, small_counts = make_updates(n, 1000)
-                    impl.run(build_input(impl, small, small_counts), small_counts, f)  # warm
+                    _bound(impl, build_input(impl, small, small_counts), small_counts, f)()  # warm
                     secs = best_time(_bound(impl, build_input(impl, x, counts), counts, f),
                                      repeats)
                     row[impl.label] = {"seconds": secs, "estimated": False}
@@ -507,9 +554,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument("--no-server", action="store_true", help="skip the server path")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    p.add_argument("--device", default="cpu",
+                   help="where fedshield's rules and the server path run: cpu, cuda, cuda:1, "
+                        "... (Flower's implementations are NumPy: always the CPU)")
     p.add_argument("--probe", nargs=4, metavar=("KIND", "RULE", "N", "D"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch has no CUDA device "
+                f"(torch {torch.__version__}); run with --device cpu")
     if args.probe:
         kind, rule, n, d = args.probe
         probe(kind, rule, int(n), int(float(d)))
@@ -531,8 +586,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     bandwidth = copy_bandwidth()
     print(f"Machine: {machine()}; load average {os.getloadavg()[0]:.1f} at the start "
           "(the 'load' column: when each row was timed)")
-    print(f"Copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write, best of 5 copies of "
-          "1 GiB); 'bw bound' = (stack bytes / bandwidth) / fedshield's time")
+    print(f"fedshield's rules and the server path on {_device_name()}; Flower's "
+          "implementations (NumPy) on the CPU")
+    print(f"Copy bandwidth: {bandwidth / 1e9:.1f} GB/s on {DEVICE} (read + write, best of 5 "
+          "copies of 1 GiB); 'bw bound' = (stack bytes / bandwidth) / fedshield's time")
     print(f"Best of {repeats} calls, float32, f = n // 10; ratio = Flower's fastest "
           "implementation of the same rule / fedshield ('!' below the issue's target); "
           "peak = (stack + peak extra bytes of one call) / stack, each in a fresh process")

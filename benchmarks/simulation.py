@@ -18,7 +18,8 @@ it prints the steady-state seconds per round of:
   training alone (no messages, no server), as the plain loop.
 
 Training is the same everywhere: digits, iid partition over n clients, 2 local epochs,
-batch 32, SGD with lr 0.3 (the run config's defaults), CPU. Engine figures are whole
+batch 32, SGD with lr 0.3 (the run config's defaults), on ``--device`` (default the CPU;
+the engines' server aggregates there too). Engine figures are whole
 rounds after the first (the first pays the imports and caches): the wall time from one
 round's published metrics row to the next's; the loops are timed over ``--rounds`` rounds
 after one warm-up round. Every path runs with the allocator setting the batched engine
@@ -32,6 +33,7 @@ drifts between minutes more than a round's does between rounds).
     python benchmarks/simulation.py                      # n = 10 100 1000, mlp and cnn
     python benchmarks/simulation.py --n 100 --models mlp --threads 2
     python benchmarks/simulation.py --n 10 100 1000 --rounds 5 --repeats 3
+    python benchmarks/simulation.py --n 100 1000 --models cnn --device cuda   # on a GPU
 """
 
 from __future__ import annotations
@@ -63,10 +65,11 @@ from simulations.task import build_task  # noqa: E402
 TARGET = (1000, 20.0)  # at n = 1000: at least 20x the plain loop's rounds per second
 
 
-def _config(model: str, n: int, rounds: int) -> dict[str, Any]:
+def _config(model: str, n: int, rounds: int, device: str = "cpu") -> dict[str, Any]:
     return dict(resolve_config(None, [
         "dataset=digits", f"model={model}", f"num-clients={n}", "clients-per-round=0",
-        "min-clients=1", "local-epochs=2", "batch-size=32", "device=cpu", "seed=0",
+        "min-clients=1", "local-epochs=2", "batch-size=32", f"device={device}", "seed=0",
+        f"server-device={device}",
         f"num-server-rounds={rounds}", "aggregator=mean",
     ]))
 
@@ -123,17 +126,29 @@ def _batched_round(model: nn.Module, data: Sequence[tuple[Tensor, Tensor]],
 def _loop_seconds(step: Callable[[nn.Module, Sequence[tuple[Tensor, Tensor]],
                                   TrainSettings, int], None],
                   flat: dict[str, Any], n: int, rounds: int) -> float:
+    device = torch.device(str(flat["device"]))
     task = build_task(flat)
-    model = task.build_model()
-    data = [task.train_data({"partition-id": i, "num-partitions": n}) for i in range(n)]
+    model = task.build_model().to(device)
+    data = []
+    for i in range(n):
+        x, y = task.train_data({"partition-id": i, "num-partitions": n})
+        data.append((x.to(device), y.to(device)))
     st = _settings(flat)
     step(model, data, st, 0)  # warm-up
     best = float("inf")
     for r in range(1, rounds + 1):
+        _sync(device)
         t0 = time.perf_counter()
         step(model, data, st, r)
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a CUDA kernel returns before it is done)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -142,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--models", nargs="+", default=["mlp", "cnn"])
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (best is printed)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--device", default="cpu",
+                   help="where every path trains and the engines' server aggregates: cpu, "
+                        "cuda, cuda:1, ... (data and models moved there; the clients' batch "
+                        "orders are drawn on the CPU, as in a run)")
     p.add_argument("--skip-per-client-engine-above", type=int, default=1000,
                    help="skip the per-client engine for larger n (it is the slowest path)")
     p.add_argument("--in-process", action="store_true",
@@ -151,11 +170,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="measure every path this many times, one after another; print the "
                         "median seconds and the median of each repeat's ratios")
     args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch has no CUDA device "
+                f"(torch {torch.__version__}); run with --device cpu")
     torch.set_num_threads(args.threads)
     freed = keep_freed_memory()  # what the batched engine sets: the same for every path
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads, "
-          f"load {os.getloadavg()[0]:.1f}, glibc keeps freed memory: {freed}")
+          f"load {os.getloadavg()[0]:.1f}, glibc keeps freed memory: {freed}, "
+          f"device {_device_name(device)}")
     print(f"# seconds per round (best of {args.rounds} rounds; median of {args.repeats} "
           f"repeats); x = plain loop / path (median of the repeats' ratios)")
     head = ("model", "n", "plain loop", "per-client engine", "batched engine",
@@ -167,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if not args.in_process and (len(args.models), len(args.n)) != (1, 1):
                 _row_in_fresh_process(model, n, argv if argv is not None else sys.argv[1:])
                 continue
-            flat = _config(model, n, 1 + args.rounds)
+            flat = _config(model, n, 1 + args.rounds, args.device)
             runs = [_measure(flat, n, args) for _ in range(args.repeats)]
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             x = {k: statistics.median(r["plain"] / r[k] for r in runs)
@@ -207,6 +231,12 @@ def _measure(flat: dict[str, Any], n: int, args: argparse.Namespace) -> dict[str
         "per_client": (_engine_seconds(flat, "per-client")
                        if n <= args.skip_per_client_engine_above else float("nan")),
     }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
 
 
 def _ratio(x: float, n: int) -> str:
