@@ -297,6 +297,17 @@ def _peak_of(fn: Callable[[], object]) -> int:
     return max(0, _vm("VmHWM") - before)
 
 
+def _cuda_peak_of(fn: Callable[[], object]) -> int:
+    """Bytes the CUDA allocator's allocations grew to above their size before ``fn`` (where
+    the rule's inputs and the server's float64 stack live with ``--device cuda``)."""
+    torch.cuda.synchronize(DEVICE)
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    before = torch.cuda.memory_allocated(DEVICE)
+    fn()
+    torch.cuda.synchronize(DEVICE)
+    return max(0, torch.cuda.max_memory_allocated(DEVICE) - before)
+
+
 def probe(kind: str, rule: str, n: int, d: int) -> None:
     """Child process: build the inputs, run one call, print its peak extra memory (JSON).
 
@@ -307,7 +318,8 @@ def probe(kind: str, rule: str, n: int, d: int) -> None:
     if kind == "server":
         server_path(server_fixture(n, 1000), rule, f)
         fixture = server_fixture(n, d)
-        peak = _peak_of(lambda: server_path(fixture, rule, f))
+        peak = (_cuda_peak_of(lambda: server_path(fixture, rule, f)) if DEVICE.type == "cuda"
+                else _peak_of(lambda: server_path(fixture, rule, f)))
     else:
         impl = next(i for i in implementations(rule) if i.label == kind)
         small, small_counts = make_updates(n, 1000)
@@ -316,13 +328,8 @@ def probe(kind: str, rule: str, n: int, d: int) -> None:
         data = build_input(impl, x, counts)
         del x  # Flower's contents hold their own copy; the other inputs keep x alive
         call = _bound(impl, data, counts, f)
-        if impl.inputs == "tensor" and DEVICE.type == "cuda":  # the device's memory
-            torch.cuda.reset_peak_memory_stats(DEVICE)
-            before = torch.cuda.memory_allocated(DEVICE)
-            call()
-            peak = torch.cuda.max_memory_allocated(DEVICE) - before
-        else:
-            peak = _peak_of(call)
+        on_device = impl.inputs == "tensor" and DEVICE.type == "cuda"
+        peak = _cuda_peak_of(call) if on_device else _peak_of(call)
     print(json.dumps({"peak_extra": peak}))
 
 
@@ -452,6 +459,7 @@ def run_grid(rules: Sequence[str], ns: Sequence[int], ds: Sequence[int], repeats
                         row[impl.label] = {"skipped": f"needs ~{need / GIB:.1f} GiB"}
                         continue
                     if impl.inputs == "tensor" and DEVICE.type == "cuda":
+                        torch.cuda.empty_cache()  # the allocator's cached blocks count as free
                         free = torch.cuda.mem_get_info(DEVICE)[0]
                         need = (1 + impl.working_stacks) * stack
                         if need > 0.9 * free:
@@ -468,14 +476,14 @@ def run_grid(rules: Sequence[str], ns: Sequence[int], ds: Sequence[int], repeats
                     secs = best_time(_bound(impl, build_input(impl, x, counts), counts, f),
                                      repeats)
                     row[impl.label] = {"seconds": secs, "estimated": False}
-                ours = row["fedshield"]["seconds"]
+                ours = row["fedshield"].get("seconds")  # None: skipped (device memory)
                 same = [row[i.label]["seconds"] for i in implementations(rule)[1:]
                         if i.same_rule and "seconds" in row[i.label]]
                 anyf = [row[i.label]["seconds"] for i in implementations(rule)[1:]
                         if "seconds" in row[i.label]]
-                row["ratio"] = min(same) / ours if same else None
-                row["ratio_any_flower"] = min(anyf) / ours if anyf else None
-                row["bandwidth_fraction"] = stack / bandwidth / ours
+                row["ratio"] = min(same) / ours if same and ours else None
+                row["ratio_any_flower"] = min(anyf) / ours if anyf and ours else None
+                row["bandwidth_fraction"] = stack / bandwidth / ours if ours else None
                 cell.append(row)
             del x
             for row in cell:  # each probe alone in its own process, this one holding no stack
@@ -510,7 +518,11 @@ def _print_row(row: dict[str, Any]) -> None:
           f"{_cell(row['fedshield']):>11} | {_cell(row['flower']):>9} | "
           f"{_cell(row['flower-legacy']):>9} | {text:>7} | {_peak(row['fedshield']):>15} | "
           f"{_peak(row['flower']):>6} | {_peak(row['flower-legacy']):>6} | "
-          f"{100 * row['bandwidth_fraction']:>7.1f}% | {row['load']:>4.1f} |", flush=True)
+          f"{_percent(row['bandwidth_fraction']):>8} | {row['load']:>4.1f} |", flush=True)
+
+
+def _percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def run_server(rules: Sequence[str], n: int, d: int, repeats: int, memory: bool,

@@ -415,6 +415,9 @@ def local_train_stacked(
             xb = perturb(model, active, xb, yb, wb, plan.order[:a].tolist())
         if s == 0 and common is not None:
             grads, values = first(common, xb, yb, wb)
+            # a gradient that does not depend on the clients' data (a parameter the loss does
+            # not use) comes back expanded: dense, as the optimizer's state is updated in place
+            grads = {n: g.contiguous() if g.stride(0) == 0 else g for n, g in grads.items()}
         else:
             grads, values = step(active, xb, yb, wb)
         if s == 0:  # every client steps at step 1: new tensors for all K

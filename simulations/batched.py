@@ -344,9 +344,9 @@ def _inside_pgd_box(
     sizes = torch.tensor(data.sizes)
     flat = data.x.reshape(data.x.shape[0], -1)
     client = torch.repeat_interleave(torch.arange(len(ready)), sizes)
-    inf = torch.full((len(ready),), float("inf"), dtype=flat.dtype)
-    low = inf.scatter_reduce(0, client, flat.amin(1), "amin")
-    high = (-inf).scatter_reduce(0, client, flat.amax(1), "amax")
+    inf = torch.full((len(ready),), float("inf"), dtype=torch.float64)  # any input dtype
+    low = inf.scatter_reduce(0, client, flat.amin(1).double(), "amin")
+    high = (-inf).scatter_reduce(0, client, flat.amax(1).double(), "amax")
     outside = (low < lo) | (high > hi)
     if not bool(outside.any()):
         return ready, data

@@ -68,10 +68,10 @@ def test_k_clients_train_as_k_runs_of_local_train(
     params, loss = local_train_stacked(model, begin, data, st, generators=_gens(len(sizes)))
     for i, ((x, y), gen) in enumerate(zip(data, _gens(len(sizes)), strict=True)):
         ref = _model(model_name)
-        start = {k: v.detach().clone() for k, v in ref.named_parameters()}
+        before = {k: v.detach().clone() for k, v in ref.named_parameters()}
         out = local_train(ref, x, y, st, device=CPU, generator=gen)
         for k, v in ref.named_parameters():
-            step = (v.detach() - start[k]).norm()
+            step = (v.detach() - before[k]).norm()
             # measured: 4e-8 absolute (SGD), 4e-5 (Adam on the CNN, which amplifies ulps)
             assert float((params[k][i] - v.detach()).norm()) <= 1e-4 * float(step) + 1e-6, (i, k)
         assert float(loss[i]) == pytest.approx(out["train-loss"], rel=1e-5)
@@ -266,14 +266,54 @@ def test_one_expanded_model_takes_unbatched_parameters_at_the_first_step_only(
     torch.testing.assert_close(loss_v, loss_c, rtol=1e-6, atol=0.0)
 
 
+class _WithUnused(nn.Module):
+    """A linear model with a parameter its forward pass does not use (a custom task's model
+    may have one): its gradient is zero whatever the data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 10)
+        self.unused = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.flatten(1))
+
+
+UNUSED_SETTINGS = {
+    **SETTINGS,
+    "sgd-momentum": TrainSettings(epochs=2, batch_size=4, lr=0.1, momentum=0.9),
+    "adam": TrainSettings(epochs=2, batch_size=4, lr=0.01, optimizer="adam"),
+}
+
+
+@pytest.mark.parametrize("setting", list(UNUSED_SETTINGS))
+def test_a_parameter_the_loss_does_not_use_trains_from_one_expanded_model(setting: str) -> None:
+    """From an expanded start the first step's gradient of an unused parameter does not
+    depend on the data; the optimizer's state built from it is updated in place at later
+    steps (SGD with momentum and no weight decay failed on it: every client's buffer was
+    one memory location)."""
+    torch.manual_seed(0)
+    model = _WithUnused()
+    data = _data([10, 4, 9])
+    st = UNUSED_SETTINGS[setting]
+    viewed, _ = local_train_stacked(model, _views(model, 3), data, st, generators=_gens(3))
+    copies, _ = local_train_stacked(model, stack_parameters(model, 3), data, st,
+                                    generators=_gens(3))
+    for k in copies:
+        torch.testing.assert_close(viewed[k], copies[k], rtol=1e-5, atol=1e-6)
+    if st.weight_decay == 0:  # no gradient, no decay: it does not move
+        assert torch.equal(viewed["unused"], model.unused.detach().expand(3, 3))
+
+
 DEVICES = ["cpu", pytest.param(
     "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 
 
+@pytest.mark.parametrize("start", ["copies", "views"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])
 def test_stacked_training_on_each_device_matches_local_train_there(
-    device: str, model_name: str, monkeypatch: pytest.MonkeyPatch
+    device: str, model_name: str, start: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The batched path on the accelerator (CUDA where the machine has one) trains as
     ``local_train`` on the same device; its results stay there, in the model's dtype.
@@ -284,8 +324,11 @@ def test_stacked_training_on_each_device_matches_local_train_there(
     sizes = [9, 3, 17]
     data = _data(sizes)
     model = _model(model_name)
-    params, loss = local_train_stacked(model, stack_parameters(model, len(sizes)), data, st,
-                                       generators=_gens(len(sizes)), device=dev)
+    begin = (stack_parameters(model, len(sizes), device=dev) if start == "copies" else
+             _views(model.to(dev), len(sizes)))  # views: the first step unbatched, on dev
+    params, loss = local_train_stacked(model, begin, data, st, generators=_gens(len(sizes)),
+                                       device=dev)
+    model.to("cpu")
     assert all(p.device.type == dev.type and p.dtype == torch.float32 for p in params.values())
     assert loss.device.type == dev.type and loss.shape == (len(sizes),)
     for i, ((x, y), gen) in enumerate(zip(data, _gens(len(sizes)), strict=True)):

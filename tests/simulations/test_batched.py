@@ -292,15 +292,21 @@ def test_a_bad_node_config_gets_the_client_apps_error() -> None:
     assert all(e is None for e in errors[True][1:])
 
 
+@pytest.mark.parametrize(("attack", "bad"), [
+    ([], 2),  # every client honest
+    (["num-malicious=2", "attack=label_flip"], 2),  # the data attacker outside (2, 3 attack)
+    (["num-malicious=2", "attack=label_flip"], 4),  # an honest one outside, between others
+])
 def test_one_client_outside_the_pgd_box_fails_alone_as_in_the_client_app(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, attack: list[str], bad: int) -> None:
     """PGD refuses inputs outside its [0, 1] box. One node's data outside it fails that node
     in the per-client engine; the batched engine used to fail every client of the batched
     step with it (its PGD checks a step's inputs together). ``validate`` refuses such a run
-    before round 1, so only a direct grid user meets it: here through the grid."""
+    before round 1, so only a direct grid user meets it: here through the grid. The other
+    clients (data attackers, whose poisoned data the batched engine keeps apart, included)
+    train as in the per-client engine."""
     from simulations.task import DatasetTask
 
-    bad = 2
     plain, concat = DatasetTask.train_data, DatasetTask.train_data_concat
 
     def train_data(self: DatasetTask, nc: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,16 +325,23 @@ def test_one_client_outside_the_pgd_box_fails_alone_as_in_the_client_app(
 
     monkeypatch.setattr(DatasetTask, "train_data", train_data)
     monkeypatch.setattr(DatasetTask, "train_data_concat", train_data_concat)
-    cfg = _config("adversarial-training=eps=0.1, alpha=0.03, steps=2")
+    cfg = _config("adversarial-training=eps=0.1, alpha=0.03, steps=2", *attack)
     model = build_task(cfg).build_model()
+    g = torch.cat([v.reshape(-1) for v in model.state_dict().values()])
     payload = _payload({k: v.detach() for k, v in model.state_dict().items()}, 2)
-    errors = {}
+    replies = {}
     for batched in (False, True):
         grid = InProcessGrid(client_app, cfg, N, batched=batched)
-        replies = expand_replies(grid.make_transport().send(
+        replies[batched] = expand_replies(grid.make_transport().send(
             "train", dict.fromkeys(grid.node_ids, payload), timeout=60.0))
-        errors[batched] = [r.error for r in replies]
-    for batched, errs in errors.items():
-        failed = [i for i, e in enumerate(errs) if e is not None]
-        assert failed == [bad], (batched, errs)
-        assert "outside the clamp box [0.0, 1.0]" in str(errs[bad])
+    for batched, got in replies.items():
+        assert [i for i, r in enumerate(got) if r.error is not None] == [bad], batched
+        assert "outside the clamp box [0.0, 1.0]" in str(got[bad].error)
+    for i, (p, b) in enumerate(zip(replies[False], replies[True], strict=True)):
+        if i == bad:
+            continue
+        u_p, u_b = (torch.cat([v.reshape(-1) for v in r.arrays["arrays"].values()]) - g
+                    for r in (p, b))
+        # PGD's tolerance in test_batched_replies_equal_the_client_apps
+        assert float((u_b - u_p).norm() / u_p.norm()) < 1e-2, i
+        assert p.metrics["metrics"]["num-examples"] == b.metrics["metrics"]["num-examples"]
