@@ -27,8 +27,9 @@ What makes K clients train like K separate runs of :func:`client.train.local_tra
   the global model), the first step's loss is evaluated with the parameters unbatched
   (``vmap(..., in_dims=None)``): the forward pass and the input gradients are one
   computation over every client's samples instead of K products with K equal copies;
-  the parameter gradients are still each client's own. From K copies every step is
-  batched. The two agree within float tolerance, not bit for bit (the first step's
+  the parameter gradients are still each client's own (:func:`pgd_perturb`'s inner steps
+  at that step likewise take the input gradients from the unbatched model). From K copies
+  every step is batched. The two agree within float tolerance, not bit for bit (the first step's
   products sum in another order).
 
 The results equal ``local_train``'s within float tolerance, not bit for bit: a batched
@@ -125,9 +126,14 @@ def pgd_perturb(
             return torch.minimum(torch.maximum(xa, x - eps), x + eps).clamp(lo, hi)
 
         x_adv = project(x + eps * (2 * u - 1))
-        dx = vmap(grad(lambda p, xa, yy, r: input_loss(model, p, xa, yy, r), argnums=1))
+        # the first training step of clients that start from one model (expanded K times):
+        # the input gradients from the unbatched model, one computation for all clients
+        common = _common_start(params)
+        dx = vmap(grad(lambda p, xa, yy, r: input_loss(model, p, xa, yy, r), argnums=1),
+                  in_dims=(0 if common is None else None, 0, 0, 0))
+        at = params if common is None else common
         for _ in range(steps):
-            x_adv = project(x_adv + alpha * dx(params, x_adv, y, real).sign())
+            x_adv = project(x_adv + alpha * dx(at, x_adv, y, real).sign())
         return x_adv.detach()
 
     return perturb

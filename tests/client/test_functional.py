@@ -196,7 +196,10 @@ def test_bad_inputs_are_refused() -> None:
         stack_parameters(model, 0)
 
 
-def test_pgd_adversarial_training_matches_local_train_with_the_pgd_loss() -> None:
+@pytest.mark.parametrize("start", ["copies", "views"])
+def test_pgd_adversarial_training_matches_local_train_with_the_pgd_loss(start: str) -> None:
+    """From K copies, and from one model expanded K times (PGD's first-step input gradients
+    then come from the unbatched model)."""
     from client.adversarial import pgd_adversarial_loss
     from client.functional import pgd_perturb
 
@@ -205,8 +208,8 @@ def test_pgd_adversarial_training_matches_local_train_with_the_pgd_loss() -> Non
     data = _data(sizes)
     pgd_gens = [torch.Generator().manual_seed(7 + i) for i in range(3)]
     model = _model("mlp")
-    params, _ = local_train_stacked(model, stack_parameters(model, 3), data, st,
-                                    generators=_gens(3),
+    begin = stack_parameters(model, 3) if start == "copies" else _views(model, 3)
+    params, _ = local_train_stacked(model, begin, data, st, generators=_gens(3),
                                     perturb=pgd_perturb(0.1, 0.03, 3, pgd_gens))
     for i, ((x, y), gen) in enumerate(zip(data, _gens(3), strict=True)):
         g = torch.Generator().manual_seed(7 + i)
@@ -219,6 +222,37 @@ def test_pgd_adversarial_training_matches_local_train_with_the_pgd_loss() -> Non
         local_train(ref, x, y, st, device=CPU, generator=gen, loss_fn=loss)
         for k, v in ref.named_parameters():
             torch.testing.assert_close(params[k][i], v.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_pgd_from_one_expanded_model_takes_input_gradients_from_it_unbatched(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """PGD's inner steps on clients that start from one model (the first training step)
+    evaluate the loss with that model's parameters unbatched; from K copies, batched."""
+    from torch._C._functorch import get_unwrapped, is_batchedtensor
+
+    import client.functional as cf
+
+    seen: list[bool] = []
+    call = cf.functional_call
+
+    def recording(m: nn.Module, p: dict[str, torch.Tensor], args: object) -> torch.Tensor:
+        seen.append(is_batchedtensor(get_unwrapped(next(iter(p.values())))))
+        return call(m, p, args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cf, "functional_call", recording)
+    model = _model("mlp")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(3, 4, *SHAPE, generator=g), torch.randint(0, 10, (3, 4), generator=g)
+    w = torch.full((3, 4), 0.25)
+    perturb = cf.pgd_perturb(0.1, 0.03, 2, [torch.Generator().manual_seed(i) for i in range(3)])
+    from_views = perturb(model, _views(model, 3), x, y, w, [0, 1, 2])
+    assert seen == [False, False]
+    seen.clear()
+    perturb = cf.pgd_perturb(0.1, 0.03, 2, [torch.Generator().manual_seed(i) for i in range(3)])
+    from_copies = perturb(model, stack_parameters(model, 3), x, y, w, [0, 1, 2])
+    assert seen == [True, True]
+    # the same perturbation up to sign flips of near-zero input gradients (none here)
+    torch.testing.assert_close(from_views, from_copies, rtol=0, atol=1e-6)
 
 
 def test_pgd_perturb_refuses_inputs_outside_the_box() -> None:
