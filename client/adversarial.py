@@ -16,9 +16,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["fgsm", "input_gradient", "pgd", "pgd_adversarial_loss", "project_linf"]
+__all__ = ["fgsm", "input_gradient", "outside_box", "pgd", "pgd_adversarial_loss",
+           "project_linf"]
 
 Box = tuple[float, float] | None
+
+
+def outside_box(low: float, high: float, clamp: tuple[float, float]) -> ValueError:
+    """The refusal of inputs in ``[low, high]`` that leave the ``clamp`` box (the same
+    words wherever inputs are checked: one client, a batched step, one client of it)."""
+    return ValueError(
+        f"inputs lie in [{low:.4g}, {high:.4g}], outside the clamp box [{clamp[0]}, "
+        f"{clamp[1]}]: scale the data into the box or pass clamp=None"
+    )
 
 
 def _check(x: Tensor, y: Tensor, eps: float, clamp: Box) -> None:
@@ -36,10 +46,7 @@ def _check(x: Tensor, y: Tensor, eps: float, clamp: Box) -> None:
         if not lo < hi:
             raise ValueError(f"clamp box needs lo < hi, got {clamp}")
         if x.numel() and (float(x.min()) < lo or float(x.max()) > hi):
-            raise ValueError(
-                f"inputs lie in [{float(x.min()):.4g}, {float(x.max()):.4g}], outside the "
-                f"clamp box [{lo}, {hi}]: scale the data into the box or pass clamp=None"
-            )
+            raise outside_box(float(x.min()), float(x.max()), clamp)
 
 
 def input_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:

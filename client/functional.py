@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from .adversarial import outside_box
 from .order import BatchSource, draw_permutations, segments
 from .train import TrainSettings
 
@@ -111,9 +112,7 @@ def pgd_perturb(
     def perturb(model: nn.Module, params: Params, x: Tensor, y: Tensor, w: Tensor,
                 clients: list[int]) -> Tensor:
         if x.numel() and (float(x.min()) < lo or float(x.max()) > hi):
-            raise ValueError(
-                f"inputs lie in [{float(x.min()):.4g}, {float(x.max()):.4g}], outside the "
-                f"clamp box [{lo}, {hi}]: scale the data into the box or pass clamp=None")
+            raise outside_box(float(x.min()), float(x.max()), clamp)
         real = (w > 0).to(x.dtype)
         u = torch.zeros_like(x)
         for j, k in enumerate(clients):
@@ -406,9 +405,8 @@ def local_train_stacked(
     if not plan.identity and common is None:
         stacked = {n: t.index_select(0, order) for n, t in stacked.items()}
     x_all, y_all = x_all.to(device), y_all.to(device)
-    step = vmap(grad_and_value(lambda p, x, y, w: loss(model, p, x, y, w)))
-    first = step if common is None else vmap(
-        grad_and_value(lambda p, x, y, w: loss(model, p, x, y, w)), in_dims=(None, 0, 0, 0))
+    grad_loss = grad_and_value(lambda p, x, y, w: loss(model, p, x, y, w))
+    step = vmap(grad_loss)
     state: dict[str, Params] = {}
     total = torch.zeros(k, dtype=torch.float64, device=device)
     count = torch.zeros(k, dtype=torch.float64, device=device)
@@ -420,7 +418,7 @@ def local_train_stacked(
         if perturb is not None:  # e.g. PGD: the inputs the loss sees this step
             xb = perturb(model, active, xb, yb, wb, plan.order[:a].tolist())
         if s == 0 and common is not None:
-            grads, values = first(common, xb, yb, wb)
+            grads, values = vmap(grad_loss, in_dims=(None, 0, 0, 0))(common, xb, yb, wb)
             # a gradient that does not depend on the clients' data (a parameter the loss does
             # not use) comes back expanded: dense, as the optimizer's state is updated in place
             grads = {n: g.contiguous() if g.stride(0) == 0 else g for n, g in grads.items()}

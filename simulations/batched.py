@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from aggregation.registry import derive_seed, make_generator
+from client.adversarial import outside_box
 from client.app import PGD_BOX, parse_run_config, pgd_options, train_settings
 from client.functional import (
     Perturb,
@@ -351,9 +352,7 @@ def _inside_pgd_box(
     if not bool(outside.any()):
         return ready, data
     for j in outside.nonzero().flatten().tolist():
-        out[ready[j].job] = ValueError(
-            f"inputs lie in [{float(low[j]):.4g}, {float(high[j]):.4g}], outside the clamp "
-            f"box [{lo}, {hi}]: scale the data into the box or pass clamp=None")
+        out[ready[j].job] = outside_box(float(low[j]), float(high[j]), PGD_BOX)
     keep = ~outside
     rows = torch.repeat_interleave(keep, sizes)
     kept = [c for c, k in zip(ready, keep.tolist(), strict=True) if k]
