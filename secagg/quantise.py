@@ -132,8 +132,18 @@ class Quantiser:
             raise ValueError("the update contains NaN or Inf; it cannot be quantised")
         clipped = np.clip(x, -self.clip, self.clip)
         num_clipped = int(np.count_nonzero(clipped != x))
-        z = np.rint((clipped + self.clip) / self.step).astype(np.int64)  # in [0, L]
+        # levels in [0, L]; above 2^53 levels float64 cannot hold L itself, and the top of
+        # the range rounds past it (bits=64, L ~ 3.7e17: z = L + 8, and a weight of 50 then
+        # wrapped the sum to -clip): capped at the largest float64 <= L, a change of at most
+        # 2^-52 L levels, inside error_bound's rounding term
+        z = np.minimum(np.rint((clipped + self.clip) / self.step), self._top_level)
         return (z.astype(self.dtype) * self.dtype(int(weight))), num_clipped
+
+    @property
+    def _top_level(self) -> float:
+        """The largest float64 that is at most ``levels`` (``levels`` itself up to 2^53)."""
+        top = float(self.levels)
+        return top if int(top) <= self.levels else float(np.nextafter(top, 0.0))
 
     def decode(self, total: NDArray[np.unsignedinteger], weight: int) -> NDArray[np.float64]:
         """The weighted mean ``(d,)`` float64 from ``S = sum_i w_i z_i`` and ``W = sum_i w_i``."""

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
@@ -25,6 +25,7 @@ from secagg.shamir import PRIME, reconstruct, share
     n=st.integers(1, 12), d=st.integers(1, 40), bits=st.sampled_from([12, 20, 32, 40, 64]),
     clip=st.floats(0.01, 100.0), seed=st.integers(0, 2**31),
 )
+@example(n=1, d=24, bits=64, clip=1.0, seed=24)  # +clip wrapped to -clip before
 def test_decoded_weighted_mean_is_within_half_a_step(
     n: int, d: int, bits: int, clip: float, seed: int
 ) -> None:
@@ -41,6 +42,22 @@ def test_decoded_weighted_mean_is_within_half_a_step(
         total += q.encode(xi, int(wi))[0]
     ref = (w[:, None] * np.clip(x, -clip, clip)).sum(0) / w.sum()
     assert np.abs(q.decode(q.reduce(total), int(w.sum())) - ref).max() <= q.error_bound * (1 + 1e-9)
+
+
+@pytest.mark.parametrize(("num_clients", "max_weight"), [(1, 50), (1, 1), (3, 7)])
+def test_the_top_of_the_range_stays_a_level_at_64_bits(num_clients: int, max_weight: int) -> None:
+    """At 64 bits the levels exceed float64's 2^53: ``+clip`` rounded past the top level
+    and, weighted, wrapped the sum to ``-clip`` (hypothesis found n=1, d=24, clip=1,
+    weights 50). Every client at ``+clip`` with the largest weight decodes to ``+clip``."""
+    q = Quantiser.for_round(clip=1.0, bits=64, num_clients=num_clients, max_weight=max_weight)
+    x = np.array([1.0, 5.0, -1.0, -5.0, 0.999999999999])
+    total = np.zeros(5, dtype=q.dtype)
+    for _ in range(num_clients):
+        z, _ = q.encode(x, max_weight)
+        assert int(z.max()) <= q.levels * max_weight
+        total += z
+    got = q.decode(q.reduce(total), num_clients * max_weight)
+    assert np.abs(got - np.clip(x, -1, 1)).max() <= q.error_bound
 
 
 def test_the_quantiser_refuses_what_would_wrap_or_is_not_a_weight() -> None:
