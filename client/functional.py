@@ -19,6 +19,11 @@ What makes K clients train like K separate runs of :func:`client.train.local_tra
   are not touched. Within a step a client's batch may be shorter than the others' (the
   last batch of an epoch): its loss is the mean over its own samples, the rows that pad it
   to the longest batch weigh exactly zero.
+- **The same parameters stepped.** ``torch.optim`` skips a parameter without ``.grad``: a
+  frozen one (``requires_grad=False``) or one the loss does not use. ``vmap`` would give
+  such a parameter a zero gradient, which weight decay and Adam still move; one plain
+  backward pass of the first client's first batch finds them, and they enter the loss as
+  constants and are never stepped.
 - **No shared optimizer state.** Momentum and Adam's moments are stacked like the
   parameters; every client that steps at step ``s`` is at its own step ``s + 1``, so
   Adam's bias correction is one number per step.
@@ -405,8 +410,12 @@ def local_train_stacked(
     if not plan.identity and common is None:
         stacked = {n: t.index_select(0, order) for n, t in stacked.items()}
     x_all, y_all = x_all.to(device), y_all.to(device)
-    grad_loss = grad_and_value(lambda p, x, y, w: loss(model, p, x, y, w))
+    # the parameters the loss differentiates: the others (frozen, or not used by the loss)
+    # enter the loss as constants and are never stepped, as torch.optim skips a parameter
+    # whose .grad is None (no weight decay, no momentum, no Adam moments for it)
+    grad_loss = grad_and_value(lambda pt, pf, x, y, w: loss(model, {**pt, **pf}, x, y, w))
     step = vmap(grad_loss)
+    trained: list[str] = []
     state: dict[str, Params] = {}
     total = torch.zeros(k, dtype=torch.float64, device=device)
     count = torch.zeros(k, dtype=torch.float64, device=device)
@@ -415,19 +424,27 @@ def local_train_stacked(
         rows_d = rows.to(device)
         active = stacked if a == k else {n: t[:a] for n, t in stacked.items()}
         xb, yb, wb = x_all[rows_d], y_all[rows_d], plan.weights[s].to(device)
+        if s == 0:
+            trained = _trained_names(model, loss, {n: t[0] for n, t in active.items()},
+                                     xb[0], yb[0], wb[0])
         if perturb is not None:  # e.g. PGD: the inputs the loss sees this step
             xb = perturb(model, active, xb, yb, wb, plan.order[:a].tolist())
+        pt = {n: active[n] for n in trained}
+        pf = {n: t for n, t in active.items() if n not in pt}
         if s == 0 and common is not None:
-            grads, values = vmap(grad_loss, in_dims=(None, 0, 0, 0))(common, xb, yb, wb)
-            # a gradient that does not depend on the clients' data (a parameter the loss does
-            # not use) comes back expanded: dense, as the optimizer's state is updated in place
+            grads, values = vmap(grad_loss, in_dims=(None, None, 0, 0, 0))(
+                {n: common[n] for n in pt}, {n: common[n] for n in pf}, xb, yb, wb)
+            # a gradient that does not depend on the clients' data comes back expanded:
+            # dense, as the optimizer's state is updated in place
             grads = {n: g.contiguous() if g.stride(0) == 0 else g for n, g in grads.items()}
         else:
-            grads, values = step(active, xb, yb, wb)
+            grads, values = step(pt, pf, xb, yb, wb)
         if s == 0:  # every client steps at step 1: new tensors for all K
-            stacked = _optimizer_step(settings, active, grads, state, step=1)
+            stacked = {**_optimizer_step(settings, pt, grads, state, step=1),
+                       **{n: t.clone(memory_format=torch.contiguous_format)
+                          for n, t in pf.items()}}
         else:
-            _optimizer_step(settings, active, grads, state, step=s + 1)
+            _optimizer_step(settings, pt, grads, state, step=s + 1)
         last = plan.last_epoch[s].to(device)
         counts = plan.counts[s].to(device)
         total[:a] += torch.where(last, values.detach().double() * counts, 0.0)
@@ -439,6 +456,38 @@ def local_train_stacked(
     inverse[order] = torch.arange(k, device=device)
     out = {n: t.index_select(0, inverse) for n, t in stacked.items()}
     return out, loss_k.index_select(0, inverse)
+
+
+def _trained_names(
+    model: nn.Module, loss: StackedLoss, params: Params, x: Tensor, y: Tensor, w: Tensor
+) -> list[str]:
+    """The parameters that ``torch.optim`` would step in ``local_train``: those with
+    ``requires_grad`` whose gradient exists (the loss uses them), found by one
+    backward pass of one client's loss (``params`` unbatched, ``x, y, w`` its batch).
+
+    A frozen parameter, or one the loss does not use, has no ``.grad`` there and the
+    optimizer skips it: no weight decay, no momentum, no step. Under ``vmap`` its gradient
+    would come back as zeros instead, which weight decay and Adam would still move.
+
+    Raises
+    ------
+    ValueError
+        If no parameter is left to train (all frozen or unused).
+    """
+    free = {n for n, p in model.named_parameters() if p.requires_grad}
+    leaves = {n: t.detach().requires_grad_(n in free) for n, t in params.items()}
+    wanted = [n for n in leaves if n in free]
+    with torch.enable_grad():
+        value = loss(model, leaves, x, y, w)
+        grads = (torch.autograd.grad(value, [leaves[n] for n in wanted], allow_unused=True)
+                 if wanted and value.requires_grad else [None] * len(wanted))
+    names = [n for n, g in zip(wanted, grads, strict=True) if g is not None]
+    if not names:
+        raise ValueError(
+            "the model has no parameter to train: every parameter is frozen "
+            "(requires_grad=False) or unused by the loss"
+        )
+    return names
 
 
 def _common_start(params: Mapping[str, Tensor]) -> Params | None:

@@ -25,7 +25,12 @@ The stacked parameters exist for one round only; no per-client model is kept.
 
 What is not batched falls back to the ClientApp, one client at a time, and the log says
 so once per round, naming the feature: DP-SGD (Opacus' per-sample clipping and Poisson
-sampling), models with dropout or with buffers (these for every client), and the clients of an attack that keeps state on its node (Neurotoxin).
+sampling), models with dropout or with buffers (these for every client), and the clients of
+an attack that keeps state on its node (Neurotoxin). A model whose forward pass ``vmap``
+cannot run (a random operation such as dropout called as a function, a branch on a
+tensor's value) fails the batched step: its clients then go to the ClientApp too, and the
+log gives the error. A tied parameter (one tensor under two names) is trained once and
+replied under each name.
 """
 
 from __future__ import annotations
@@ -185,13 +190,22 @@ def _train_group(jobs: Sequence[TrainJob]) -> list[Outcome]:
             generators=[c.generator for c in ready], device=device,
             perturb=_adversarial(cfg, [c.pid for c in ready], r),
         )
-    except Exception as exc:
-        for c in ready:
-            out[c.job] = exc
-        return out
-    # every entry of the state, stacked: trained, or the global one for all (not trained)
+    except Exception as exc:  # noqa: BLE001 - what vmap cannot run, the ClientApp can
+        # e.g. a random operation or a data-dependent branch in the model's forward pass,
+        # which vmap refuses and unsupported_features cannot see; a client whose own data
+        # is at fault gets the ClientApp's error from it
+        reason = " ".join(str(exc).split())
+        log.warning("round %d: batched engine: training %d clients as one computation "
+                    "failed (%s: %s); they are trained one by one by the ClientApp", r,
+                    len(ready), type(exc).__name__,
+                    reason if len(reason) <= 300 else reason[:297] + "...")
+        return out  # the ready clients' outcomes are still None: the ClientApp's
+    # every entry of the state, stacked: trained (a tied parameter's every name: the one
+    # tensor), or the global one for all (a buffer)
+    source = _parameter_names(model)
     stack = StackedArrays({
-        k: trained[k].to("cpu") if k in trained else v.unsqueeze(0).expand(len(ready), *v.shape)
+        k: (trained[source[k]].to("cpu") if k in source
+            else v.unsqueeze(0).expand(len(ready), *v.shape))
         for k, v in global_state.items()
     })
     loss = losses.to("cpu").tolist()
@@ -237,6 +251,15 @@ def _data_error(task: ClientTask, job: TrainJob) -> Exception | None:
     except Exception as exc:
         return exc
     return None
+
+
+def _parameter_names(model: nn.Module) -> dict[str, str]:
+    """Every name of a parameter in the model's state, mapped to the one name
+    ``named_parameters()`` gives it: tied parameters (one tensor under two names, e.g. an
+    embedding shared with the output layer) are trained once and replied under each name."""
+    first: dict[int, str] = {}
+    return {name: first.setdefault(id(p), name)
+            for name, p in model.named_parameters(remove_duplicate=False)}
 
 
 def _expanded(model: nn.Module, k: int, device: torch.device) -> dict[str, Tensor]:

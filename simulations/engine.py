@@ -607,6 +607,11 @@ def run_in_process(
     if engine == "batched" and keep_freed_memory():
         logging.getLogger("fedshield.engine").debug(
             "batched engine: glibc keeps freed memory for reuse (mallopt)")
+    if engine == "batched" and cfg.secagg:
+        logging.getLogger("fedshield.engine").warning(
+            "batched engine: with secagg the clients train inside the secure-aggregation "
+            "protocol's messages, which the batched engine does not take: every client is "
+            "trained one by one by the ClientApp, as with engine=per-client")
     grid = InProcessGrid(client_app, app_config, n, fault=fault, batched=engine == "batched")
     # After round 1 everything the run keeps (modules, datasets, caches) exists: frozen out
     # of the garbage collector's reach, so that its full collections, which a round's

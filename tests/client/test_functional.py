@@ -274,13 +274,15 @@ def test_one_expanded_model_takes_unbatched_parameters_at_the_first_step_only(
     copies): the first step's loss sees the one model's parameters (not batched), later
     steps each client's own; K copies are batched throughout. Both agree within float
     tolerance (the first step's products sum in another order)."""
-    from torch._C._functorch import get_unwrapped, is_batchedtensor
+    from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
 
     seen: list[bool] = []
 
     def loss(m: nn.Module, p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
              w: torch.Tensor) -> torch.Tensor:  # the parameter under grad's wrapper: vmapped?
-        seen.append(is_batchedtensor(get_unwrapped(next(iter(p.values())))))
+        first = next(iter(p.values()))
+        if is_functorch_wrapped_tensor(first):  # not the one plain probe of which to train
+            seen.append(is_batchedtensor(get_unwrapped(first)))
         return cross_entropy_loss(m, p, x, y, w)
 
     model = _model(model_name)
@@ -300,43 +302,69 @@ def test_one_expanded_model_takes_unbatched_parameters_at_the_first_step_only(
     torch.testing.assert_close(loss_v, loss_c, rtol=1e-6, atol=0.0)
 
 
-class _WithUnused(nn.Module):
+class _Partial(nn.Module):
     """A linear model with a parameter its forward pass does not use (a custom task's model
-    may have one): its gradient is zero whatever the data."""
+    may have one) and, with ``freeze``, a frozen feature layer (``requires_grad=False``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, freeze: bool = False) -> None:
         super().__init__()
-        self.lin = nn.Linear(64, 10)
+        torch.manual_seed(0)
+        self.feat = nn.Linear(64, 16)
+        self.head = nn.Linear(16, 10)
         self.unused = nn.Parameter(torch.ones(3))
+        self.feat.requires_grad_(not freeze)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x.flatten(1))
+        return self.head(torch.relu(self.feat(x.flatten(1))))
 
 
-UNUSED_SETTINGS = {
+PARTIAL_SETTINGS = {
     **SETTINGS,
     "sgd-momentum": TrainSettings(epochs=2, batch_size=4, lr=0.1, momentum=0.9),
+    "sgd-wd": TrainSettings(epochs=2, batch_size=4, lr=0.1, weight_decay=0.05),
     "adam": TrainSettings(epochs=2, batch_size=4, lr=0.01, optimizer="adam"),
+    "adam-wd-large": TrainSettings(epochs=2, batch_size=4, lr=0.01, optimizer="adam",
+                                   weight_decay=0.05),
 }
 
 
-@pytest.mark.parametrize("setting", list(UNUSED_SETTINGS))
-def test_a_parameter_the_loss_does_not_use_trains_from_one_expanded_model(setting: str) -> None:
-    """From an expanded start the first step's gradient of an unused parameter does not
-    depend on the data; the optimizer's state built from it is updated in place at later
-    steps (SGD with momentum and no weight decay failed on it: every client's buffer was
-    one memory location)."""
-    torch.manual_seed(0)
-    model = _WithUnused()
+@pytest.mark.parametrize("start", ["copies", "views"])
+@pytest.mark.parametrize("freeze", [False, True])
+@pytest.mark.parametrize("setting", list(PARTIAL_SETTINGS))
+def test_frozen_and_unused_parameters_are_not_stepped_as_in_local_train(
+        setting: str, freeze: bool, start: str) -> None:
+    """``torch.optim`` skips a parameter whose ``.grad`` is None (frozen, or unused by the
+    loss): no weight decay, momentum or Adam step moves it. ``vmap`` returns zeros for
+    such a parameter, which weight decay and Adam would move: the stacked training must
+    skip it too, and train the rest as ``local_train`` does. From views, the first step's
+    data-independent gradients used to come back expanded and broke momentum's in-place
+    buffer."""
     data = _data([10, 4, 9])
-    st = UNUSED_SETTINGS[setting]
-    viewed, _ = local_train_stacked(model, _views(model, 3), data, st, generators=_gens(3))
-    copies, _ = local_train_stacked(model, stack_parameters(model, 3), data, st,
-                                    generators=_gens(3))
-    for k in copies:
-        torch.testing.assert_close(viewed[k], copies[k], rtol=1e-5, atol=1e-6)
-    if st.weight_decay == 0:  # no gradient, no decay: it does not move
-        assert torch.equal(viewed["unused"], model.unused.detach().expand(3, 3))
+    st = PARTIAL_SETTINGS[setting]
+    model = _Partial(freeze)
+    begin = stack_parameters(model, 3) if start == "copies" else _views(model, 3)
+    params, _ = local_train_stacked(model, begin, data, st, generators=_gens(3))
+    fixed = {"unused"} | ({"feat.weight", "feat.bias"} if freeze else set())
+    for i, ((x, y), gen) in enumerate(zip(data, _gens(3), strict=True)):
+        ref = _Partial(freeze)
+        before = {k: v.detach().clone() for k, v in ref.named_parameters()}
+        local_train(ref, x, y, st, device=CPU, generator=gen)
+        for k, v in ref.named_parameters():
+            if k in fixed:  # the reference does not move it: neither does the stacked run
+                assert torch.equal(v.detach(), before[k]), (k, "local_train moved it")
+                assert torch.equal(params[k][i], before[k]), (i, k)
+                continue
+            step = float((v.detach() - before[k]).norm())
+            assert step > 0, k
+            assert float((params[k][i] - v.detach()).norm()) <= 1e-4 * step + 1e-6, (i, k)
+
+
+def test_a_model_with_nothing_to_train_is_refused() -> None:
+    model = _Partial(freeze=True)
+    model.head.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter to train"):
+        local_train_stacked(model, stack_parameters(model, 2), _data([3, 4]), TrainSettings(),
+                            generators=_gens(2))
 
 
 DEVICES = ["cpu", pytest.param(

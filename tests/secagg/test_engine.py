@@ -4,6 +4,7 @@ loop, dropouts injected with the engine's fault hook."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -164,3 +165,19 @@ def test_the_audit_names_the_stage_each_lost_node_dropped_at(tmp_path: Path) -> 
     assert sorted(reasons) == [1000 + i for i in range(6)]
     assert all("masked-input" in why for why in reasons.values())
     assert all(not why.startswith("no reply") for why in reasons.values())
+
+
+def test_the_batched_engine_says_that_secagg_clients_train_one_by_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With secagg the clients train inside the protocol's query messages, which the batched
+    engine does not take: it used to run every client through the ClientApp without a word.
+    The run says so once, and its result is the per-client engine's, bit for bit."""
+    with caplog.at_level(logging.INFO, logger="fedshield.engine"):
+        _, batched = _run(SECAGG, "engine=batched")
+    lines = [r.getMessage() for r in caplog.records if "batched engine" in r.getMessage()]
+    assert len(lines) == 1 and "with secagg the clients train inside" in lines[0], lines
+    assert "trained one by one by the ClientApp" in lines[0]
+    _, per_client = _run(SECAGG)
+    assert batched is not None and per_client is not None
+    assert torch.equal(batched, per_client)

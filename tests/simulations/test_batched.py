@@ -15,6 +15,7 @@ import torch
 from flwr.app import Message
 
 from client.app import app as client_app
+from client.task import load_task
 from runconfig.config import check_engine
 from server.rounds import Payload, Reply, expand_replies
 from simulations.config import resolve_config
@@ -183,6 +184,79 @@ def test_what_is_not_batched_goes_to_the_client_app_and_is_logged(
         assert float(err.max()) < 1e-3
     else:
         assert torch.equal(u_b, u_p)
+
+
+CUSTOM = "task=tests.simulations.custom_tasks:"
+CUSTOM_MODELS = {
+    # torch.optim skips a parameter without .grad: no weight decay, momentum or Adam moves it
+    "frozen-sgd-weight-decay-momentum": [CUSTOM + "frozen", "weight-decay=0.01", "momentum=0.9"],
+    "frozen-adam": [CUSTOM + "frozen", "optimizer=adam", "learning-rate=0.01"],
+    "unused-sgd-weight-decay": [CUSTOM + "unused", "weight-decay=0.01"],
+    "unused-adam-weight-decay": [CUSTOM + "unused", "optimizer=adam", "learning-rate=0.01",
+                                 "weight-decay=0.01"],
+    # one tensor under two names: trained once, replied under both
+    "tied": [CUSTOM + "tied"],
+    "tied-adam-unequal": [CUSTOM + "tied", "optimizer=adam", "learning-rate=0.01",
+                          "partitioner=dirichlet", "partitioner-params=alpha=0.3"],
+}
+NOT_TRAINED = {"frozen": ("feat.weight", "feat.bias"), "unused": ("aux.weight", "aux.bias")}
+
+
+def _custom_updates(replies: list[Reply], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every entry's ``(n, *shape)`` updates against the task's initial model."""
+    start = load_task(cfg).build_model().state_dict()
+    for r in replies:
+        assert r.error is None, r.error
+    return {k: torch.stack([r.arrays["arrays"][k] - v for r in replies])
+            for k, v in start.items()}
+
+
+def _custom_round(cfg: dict[str, Any], *, batched: bool) -> list[Reply]:
+    validate(cfg, N)
+    model = load_task(cfg).build_model()
+    grid = InProcessGrid(client_app, cfg, N, batched=batched)
+    payload = _payload({k: v.detach() for k, v in model.state_dict().items()}, 2)
+    return expand_replies(grid.make_transport().send(
+        "train", dict.fromkeys(grid.node_ids, payload), timeout=60.0))
+
+
+@pytest.mark.parametrize("case", list(CUSTOM_MODELS))
+def test_custom_models_batched_replies_equal_the_client_apps(case: str) -> None:
+    """A user's model (``task=``) with a frozen layer, a parameter the loss does not use,
+    or tied weights: the batched engine trained the frozen and unused ones (weight decay,
+    Adam) and replied the global value under a tied weight's second name."""
+    cfg = _config(*CUSTOM_MODELS[case])
+    u_p = _custom_updates(_custom_round(cfg, batched=False), cfg)
+    u_b = _custom_updates(_custom_round(cfg, batched=True), cfg)
+    for k in NOT_TRAINED.get(case.split("-")[0], ()):
+        assert not u_p[k].any() and not u_b[k].any(), k  # not moved, by either engine
+    flat_p = torch.cat([u.flatten(1) for u in u_p.values()], 1)
+    flat_b = torch.cat([u.flatten(1) for u in u_b.values()], 1)
+    err = (flat_b - flat_p).norm(dim=1) / flat_p.norm(dim=1)
+    assert float(err.max()) < 1e-4, err
+    if case.startswith("tied"):
+        assert torch.equal(u_b["a.weight"], u_b["b.weight"])
+        assert u_b["b.weight"].norm(dim=(1, 2)).min() > 0
+
+
+def test_a_model_vmap_cannot_run_goes_to_the_client_app_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A random operation in ``forward`` (dropout called as a function: no module to
+    detect) fails inside vmap: the clients are trained by the ClientApp, bit for bit its
+    replies, and the log says why. It used to fail every client with vmap's advice on
+    flags the user cannot set."""
+    cfg = _config(CUSTOM + "functional_dropout")
+    with caplog.at_level(logging.INFO, logger="fedshield.engine"):
+        batched = _custom_round(cfg, batched=True)
+    lines = [r.getMessage() for r in caplog.records if "batched engine" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"round 2: batched engine: training {N} clients as one computation failed "
+        "(RuntimeError: vmap: called random operation"), lines
+    assert lines[0].endswith("they are trained one by one by the ClientApp")
+    u_p = _custom_updates(_custom_round(cfg, batched=False), cfg)
+    u_b = _custom_updates(batched, cfg)
+    assert all(torch.equal(u_b[k], u_p[k]) for k in u_p)
 
 
 def test_a_client_that_cannot_train_gets_the_client_apps_error() -> None:
