@@ -15,7 +15,7 @@ path (decode the replies' ``ArrayRecord`` s, validate, stack, rule, new model) a
 ``n = 100``, ``d = 1e6``.
 
     python benchmarks/aggregation.py --quick     # a subset, in under a minute
-    python benchmarks/aggregation.py --device cuda --n 1000 --d 1e6 1e7   # ours on a GPU
+    python benchmarks/aggregation.py --device cuda --n 1000 --d 1e6 1e7 --no-flower   # ours on a GPU
     nohup python benchmarks/aggregation.py > results/bench-aggregation.txt &   # the grid
 
 ``f = n // 10`` Byzantine clients (rows shifted away from the honest ones); Multi-Krum
@@ -76,6 +76,22 @@ def _meminfo(key: str) -> int:
     return int(m.group(1)) * 1024 if m else 0
 
 
+def available_memory() -> int:
+    """Bytes this process can still allocate: ``MemAvailable``, or less where a cgroup
+    limits the process (a container's ``/proc/meminfo`` may show the host's); 0 if
+    unknown."""
+    avail = _meminfo("MemAvailable")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            left = max(int(limit) - used, 0)
+            avail = min(avail, left) if avail else left
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -106,14 +122,23 @@ def copy_bandwidth(nbytes: int = GIB, repeats: int = 5) -> float:
 
 # --- inputs --------------------------------------------------------------------------------
 
-def make_updates(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def make_updates(n: int, d: int, seed: int = 0, device: torch.device | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(n, d)`` float32 updates of scale 1e-3, the first ``n // 10`` shifted away, and
-    ``(n,)`` example counts."""
+    ``(n,)`` example counts (on the CPU).
+
+    ``device``: draw the updates there (a generator of that device: other values than the
+    CPU's from the same seed) instead of on the CPU and copying them; at n = 1000,
+    d = 1e7 the CPU draws 40 GB on one thread for more than a minute.
+    """
+    device = device or torch.device("cpu")
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
+    counts = torch.randint(50, 150, (n,), generator=g).to(torch.float32)
+    if device.type != "cpu":
+        g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(n, d, generator=g, device=device)
     x.mul_(1e-3)
     x[: n // 10] += 5e-3
-    counts = torch.randint(50, 150, (n,), generator=g).to(torch.float32)
     return x, counts
 
 
@@ -322,9 +347,10 @@ def probe(kind: str, rule: str, n: int, d: int) -> None:
                 else _peak_of(lambda: server_path(fixture, rule, f)))
     else:
         impl = next(i for i in implementations(rule) if i.label == kind)
-        small, small_counts = make_updates(n, 1000)
+        where = DEVICE if impl.inputs == "tensor" else torch.device("cpu")
+        small, small_counts = make_updates(n, 1000, device=where)
         _bound(impl, build_input(impl, small, small_counts), small_counts, f)()
-        x, counts = make_updates(n, d)
+        x, counts = make_updates(n, d, device=where)
         data = build_input(impl, x, counts)
         del x  # Flower's contents hold their own copy; the other inputs keep x alive
         call = _bound(impl, data, counts, f)
@@ -341,7 +367,10 @@ def measure_peak(kind: str, rule: str, n: int, d: int) -> int | None:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=True)
         return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_extra"])
     except (subprocess.SubprocessError, ValueError, KeyError, IndexError) as exc:
-        print(f"  (memory probe {kind} {rule} n={n} d={d} failed: {exc})", file=sys.stderr)
+        err = getattr(exc, "stderr", None) or ""  # the probe's own error, not only its status
+        tail = "\n    ".join(str(err).strip().splitlines()[-5:])
+        print(f"  (memory probe {kind} {rule} n={n} d={d} failed: {exc}"
+              f"{':' + chr(10) + '    ' + tail if tail else ''})", file=sys.stderr)
         return None
 
 
@@ -426,8 +455,9 @@ def _fmt_s(t: float | None, estimated: bool = False) -> str:
 
 def run_grid(rules: Sequence[str], ns: Sequence[int], ds: Sequence[int], repeats: int,
              cap: float, memory: Sequence[str], bandwidth: float,
-             rows_out: list[dict[str, Any]]) -> None:
-    """Time every rule and implementation per (n, d) cell; probe the memory of ``memory``."""
+             rows_out: list[dict[str, Any]], flower: bool = True) -> None:
+    """Time every rule and implementation per (n, d) cell; probe the memory of ``memory``;
+    without ``flower``, fedshield's rules alone (their inputs drawn on :data:`DEVICE`)."""
     header = (f"| {'rule':12} | {'n':>4} | {'d':>5} | {'fedshield s':>11} | {'flower s':>9} | "
               f"{'legacy s':>9} | {'ratio':>7} | {'peak/stack ours':>15} | "
               f"{'flower':>6} | {'legacy':>6} | {'bw bound':>8} | {'load':>4} |")
@@ -437,13 +467,14 @@ def run_grid(rules: Sequence[str], ns: Sequence[int], ds: Sequence[int], repeats
         f = n // 10
         for d in ds:
             stack = 4 * n * d
-            avail = _meminfo("MemAvailable") or 16 * GIB
-            if 1.5 * stack > 0.8 * avail:
+            avail = available_memory() or 16 * GIB
+            on_host = flower or DEVICE.type == "cpu"  # else the inputs live on the device
+            if on_host and 1.5 * stack > 0.8 * avail:
                 print(f"| {'(all rules)':12} | {n:>4} | {d:>5.0e} | skipped: a "
                       f"{stack / GIB:.1f} GiB stack does not fit in {avail / GIB:.1f} GiB "
                       "available |", flush=True)
                 continue
-            x, counts = make_updates(n, d)
+            x, counts = make_updates(n, d, device=None if flower else DEVICE)
             t_norm = norm_seconds(d)
             cell: list[dict[str, Any]] = []
             for rule in rules:
@@ -452,10 +483,13 @@ def run_grid(rules: Sequence[str], ns: Sequence[int], ds: Sequence[int], repeats
                 row: dict[str, Any] = {"rule": rule, "n": n, "d": d, "f": f,
                                        "load": os.getloadavg()[0]}
                 for impl in implementations(rule):
+                    if not flower and impl.label != "fedshield":
+                        row[impl.label] = {"skipped": "--no-flower", "off": True}
+                        continue
                     # this process holds the tensor, plus Flower's serialised contents
                     held = stack * (2 if impl.inputs == "contents" else 1)
                     need = held + impl.working_stacks * stack
-                    if need > 0.8 * avail:
+                    if on_host and need > 0.8 * avail:
                         row[impl.label] = {"skipped": f"needs ~{need / GIB:.1f} GiB"}
                         continue
                     if impl.inputs == "tensor" and DEVICE.type == "cuda":
@@ -471,7 +505,7 @@ def run_grid(rules: Sequence[str], ns: Sequence[int], ds: Sequence[int], repeats
                         if est > cap:
                             row[impl.label] = {"seconds": est, "estimated": True}
                             continue
-                    small, small_counts = make_updates(n, 1000)
+                    small, small_counts = make_updates(n, 1000, device=x.device)
                     _bound(impl, build_input(impl, small, small_counts), small_counts, f)()  # warm
                     secs = best_time(_bound(impl, build_input(impl, x, counts), counts, f),
                                      repeats)
@@ -498,6 +532,8 @@ def run_grid(rules: Sequence[str], ns: Sequence[int], ds: Sequence[int], repeats
 
 
 def _cell(entry: dict[str, Any]) -> str:
+    if entry.get("off"):
+        return "-"
     if "skipped" in entry:
         return "n/f"
     return _fmt_s(entry["seconds"], entry["estimated"])
@@ -565,6 +601,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="seconds: Flower calls estimated to take longer are not run")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument("--no-server", action="store_true", help="skip the server path")
+    p.add_argument("--no-flower", action="store_true",
+                   help="fedshield's rules alone, inputs drawn on --device (Flower's NumPy "
+                        "implementations run on the CPU for minutes a cell at n = 1000)")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
     p.add_argument("--device", default="cpu",
                    help="where fedshield's rules and the server path run: cpu, cuda, cuda:1, "
@@ -607,7 +646,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           "peak = (stack + peak extra bytes of one call) / stack, each in a fresh process")
     print(f"Flower calls estimated over {cap:g} s are not run (~estimate); "
           "n/f = does not fit in memory\n")
-    run_grid(args.rules, ns, ds, repeats, cap, memory, bandwidth, rows)
+    if args.no_flower:
+        memory = [m for m in memory if m == "fedshield"]
+    run_grid(args.rules, ns, ds, repeats, cap, memory, bandwidth, rows, flower=not args.no_flower)
     if not args.no_server:
         run_server(server_rules, server_n, server_d, repeats, server_memory, rows)
     bulyan_rows = [r for r in rows if r.get("rule") == "bulyan" and r.get("ratio_any_flower")]

@@ -215,10 +215,14 @@ def _row_in_fresh_process(model: str, n: int, argv: Sequence[str]) -> None:
             skip = False
         if not skip:
             rest.append(a)
-    out = subprocess.run(
+    done = subprocess.run(
         [sys.executable, __file__, *rest, "--n", str(n), "--models", model],
-        check=True, capture_output=True, text=True).stdout
-    print(out.strip().splitlines()[-1], flush=True)
+        capture_output=True, text=True)
+    if done.returncode != 0:  # the row's own error, not only its exit status
+        sys.stderr.write(done.stderr)
+        raise SystemExit(f"the row {model} n={n} failed (exit status {done.returncode}); "
+                         "its error output is above")
+    print(done.stdout.strip().splitlines()[-1], flush=True)
 
 
 def _measure(flat: dict[str, Any], n: int, args: argparse.Namespace) -> dict[str, float]:
