@@ -611,6 +611,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--probe", nargs=4, metavar=("KIND", "RULE", "N", "D"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.repeats < 1 or (args.threads is not None and args.threads < 1):
+        p.error(f"--repeats and --threads must be at least 1, got {args.repeats} and "
+                f"{args.threads}")
+    if min(args.n) < 1 or min(args.d) < 1:
+        p.error(f"--n and --d take sizes of at least 1, got {args.n} and {args.d}")
+    if args.cap < 0:
+        p.error(f"--cap is in seconds, at least 0, got {args.cap}")
     global DEVICE
     DEVICE = torch.device(args.device)
     if DEVICE.type == "cuda" and not torch.cuda.is_available():

@@ -60,6 +60,7 @@ from client.functional import local_train_stacked  # noqa: E402
 from client.train import TrainSettings  # noqa: E402
 from simulations.config import resolve_config  # noqa: E402
 from simulations.engine import keep_freed_memory, run_in_process  # noqa: E402
+from simulations.models import MODELS  # noqa: E402
 from simulations.task import build_task  # noqa: E402
 
 TARGET = (1000, 20.0)  # at n = 1000: at least 20x the plain loop's rounds per second
@@ -154,7 +155,7 @@ def _sync(device: torch.device) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=[10, 100, 1000])
-    p.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    p.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=MODELS.names())
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (best is printed)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--device", default="cpu",
@@ -170,6 +171,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="measure every path this many times, one after another; print the "
                         "median seconds and the median of each repeat's ratios")
     args = p.parse_args(argv)
+    for name in ("rounds", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if min(args.n) < 1:
+        p.error(f"--n takes client counts of at least 1, got {args.n}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: this torch has no CUDA device "
