@@ -76,17 +76,22 @@ def _meminfo(key: str) -> int:
     return int(m.group(1)) * 1024 if m else 0
 
 
-def available_memory() -> int:
+def available_memory(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
     """Bytes this process can still allocate: ``MemAvailable``, or less where a cgroup
-    limits the process (a container's ``/proc/meminfo`` may show the host's); 0 if
-    unknown."""
-    avail = _meminfo("MemAvailable")
+    limits the process (a container's ``/proc/meminfo`` may show the host's); ``None``
+    if neither is known. The cgroup's usage counts its page cache; the inactive part of
+    it, which the kernel reclaims first, counts as available."""
+    avail = _meminfo("MemAvailable") or None
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        cg = cgroup
+        limit = (cg / "memory.max").read_text().strip()
         if limit != "max":
+            used = int((cg / "memory.current").read_text())
+            stat = dict(line.split() for line in (cg / "memory.stat").read_text().splitlines()
+                        if line.count(" ") == 1)
+            used -= int(stat.get("inactive_file", 0))
             left = max(int(limit) - used, 0)
-            avail = min(avail, left) if avail else left
+            avail = left if avail is None else min(avail, left)
     except (OSError, ValueError):
         pass
     return avail
@@ -368,6 +373,8 @@ def measure_peak(kind: str, rule: str, n: int, d: int) -> int | None:
         return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_extra"])
     except (subprocess.SubprocessError, ValueError, KeyError, IndexError) as exc:
         err = getattr(exc, "stderr", None) or ""  # the probe's own error, not only its status
+        if isinstance(err, bytes):  # TimeoutExpired keeps bytes even with text=True
+            err = err.decode(errors="replace")
         tail = "\n    ".join(str(err).strip().splitlines()[-5:])
         print(f"  (memory probe {kind} {rule} n={n} d={d} failed: {exc}"
               f"{':' + chr(10) + '    ' + tail if tail else ''})", file=sys.stderr)
@@ -467,8 +474,17 @@ def run_grid(rules: Sequence[str], ns: Sequence[int], ds: Sequence[int], repeats
         f = n // 10
         for d in ds:
             stack = 4 * n * d
-            avail = available_memory() or 16 * GIB
+            found = available_memory()
+            avail = 16 * GIB if found is None else found
             on_host = flower or DEVICE.type == "cpu"  # else the inputs live on the device
+            if not on_host:  # drawn on the device: the stack and a rule's work must fit there
+                torch.cuda.empty_cache()
+                free = torch.cuda.mem_get_info(DEVICE)[0]
+                if 1.5 * stack > 0.9 * free:
+                    print(f"| {'(all rules)':12} | {n:>4} | {d:>5.0e} | skipped: a "
+                          f"{stack / GIB:.1f} GiB stack and its work do not fit in "
+                          f"{free / GIB:.1f} GiB free on {DEVICE} |", flush=True)
+                    continue
             if on_host and 1.5 * stack > 0.8 * avail:
                 print(f"| {'(all rules)':12} | {n:>4} | {d:>5.0e} | skipped: a "
                       f"{stack / GIB:.1f} GiB stack does not fit in {avail / GIB:.1f} GiB "
@@ -495,7 +511,8 @@ def run_grid(rules: Sequence[str], ns: Sequence[int], ds: Sequence[int], repeats
                     if impl.inputs == "tensor" and DEVICE.type == "cuda":
                         torch.cuda.empty_cache()  # the allocator's cached blocks count as free
                         free = torch.cuda.mem_get_info(DEVICE)[0]
-                        need = (1 + impl.working_stacks) * stack
+                        # the stack itself is there already when it was drawn there
+                        need = (int(not x.is_cuda) + impl.working_stacks) * stack
                         if need > 0.9 * free:
                             row[impl.label] = {"skipped": f"needs ~{need / GIB:.1f} GiB on "
                                                f"{DEVICE}, {free / GIB:.1f} GiB free"}

@@ -477,8 +477,13 @@ def _trained_names(
     free = {n for n, p in model.named_parameters() if p.requires_grad}
     leaves = {n: t.detach().requires_grad_(n in free) for n, t in params.items()}
     wanted = [n for n in leaves if n in free]
-    with torch.enable_grad():
-        value = loss(model, leaves, x, y, w)
+    # leaves the model and the RNGs as they were: its buffers (a BatchNorm's statistics,
+    # before the caller finds it unsupported) are copies, and a random operation in its
+    # forward pass draws from a forked generator
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    cuda = [x.device] if x.device.type == "cuda" else []
+    with torch.enable_grad(), torch.random.fork_rng(devices=cuda):
+        value = loss(model, {**buffers, **leaves}, x, y, w)
         grads = (torch.autograd.grad(value, [leaves[n] for n in wanted], allow_unused=True)
                  if wanted and value.requires_grad else [None] * len(wanted))
     names = [n for n, g in zip(wanted, grads, strict=True) if g is not None]

@@ -8,6 +8,7 @@ batched falls back to the ClientApp and the log says so.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,6 +25,37 @@ from simulations.task import build_task
 
 N = 6
 BASE = ["dataset=digits", "seed=3", "device=cpu", "num-server-rounds=2"]
+
+
+class _Failures(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "as one computation failed" in record.getMessage():
+            self.messages.append(record.getMessage())
+
+
+@pytest.fixture(autouse=True)
+def _batched_step_ran(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test here fails if the batched step itself failed: its clients then go to the
+    ClientApp, and an equality test would compare the ClientApp with itself. A test that
+    expects the failure asks for ``batched_failure_expected``."""
+    failures = _Failures()
+    logger = logging.getLogger("fedshield.engine")
+    logger.addHandler(failures)
+    try:
+        yield
+    finally:
+        logger.removeHandler(failures)
+    if "batched_failure_expected" not in request.fixturenames:
+        assert not failures.messages, failures.messages
+
+
+@pytest.fixture
+def batched_failure_expected() -> bool:
+    return True
 
 
 def _config(*overrides: str) -> dict[str, Any]:
@@ -240,7 +272,7 @@ def test_custom_models_batched_replies_equal_the_client_apps(case: str) -> None:
 
 
 def test_a_model_vmap_cannot_run_goes_to_the_client_app_and_is_logged(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, batched_failure_expected: bool,
 ) -> None:
     """A random operation in ``forward`` (dropout called as a function: no module to
     detect) fails inside vmap: the clients are trained by the ClientApp, bit for bit its
@@ -284,8 +316,11 @@ def test_a_payload_without_the_round_gets_an_error_reply_not_an_exception() -> N
     assert all(r.error is not None and "server-round" in r.error for r in replies)
 
 
-def test_faults_drop_messages_in_batched_mode_too() -> None:
-    cfg = _config()
+@pytest.mark.parametrize("overrides", [[], ["model-params=dropout=0.2"]])  # batched, or not
+def test_faults_drop_messages_in_batched_mode_too(overrides: list[str]) -> None:
+    """The fault model sees each train message once: also the messages the batched engine
+    hands to the ClientApp (it used to see those twice)."""
+    cfg = _config(*overrides)
     validate(cfg, N)
     model = build_task(cfg).build_model()
     seen: list[str] = []

@@ -1,4 +1,4 @@
-"""The benchmark scripts refuse bad arguments with a clear message before measuring."""
+"""The benchmark scripts: bad arguments refused with a clear message before measuring; the\naggregation benchmark's reading of the memory it may use."""
 
 from __future__ import annotations
 
@@ -49,3 +49,21 @@ def test_bad_arguments_are_refused_before_measuring(
     captured = capsys.readouterr()
     assert message in captured.err
     assert captured.out == ""  # nothing measured, nothing printed
+
+
+def test_available_memory_is_bounded_by_the_cgroup(tmp_path: Path) -> None:
+    """A container's ``/proc/meminfo`` may show the host's memory: the cgroup's limit
+    minus its usage bounds it, the inactive page cache counting as free."""
+    bench = _script("aggregation")
+    host = bench._meminfo("MemAvailable")
+    assert bench.available_memory(tmp_path / "none") == (host or None)  # no cgroup files
+    gib = 1 << 30
+    (tmp_path / "memory.max").write_text(f"{8 * gib}\n")
+    (tmp_path / "memory.current").write_text(f"{6 * gib}\n")
+    (tmp_path / "memory.stat").write_text(f"anon {5 * gib}\ninactive_file {gib}\n")
+    assert bench.available_memory(tmp_path) == min(3 * gib, host or 3 * gib)
+    (tmp_path / "memory.current").write_text(f"{9 * gib}\n")  # over the limit: none left
+    (tmp_path / "memory.stat").write_text("anon 1\n")
+    assert bench.available_memory(tmp_path) == 0
+    (tmp_path / "memory.max").write_text("max\n")  # no limit: the host's figure
+    assert bench.available_memory(tmp_path) == (host or None)
