@@ -83,11 +83,10 @@ def available_memory(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
     it, which the kernel reclaims first, counts as available."""
     avail = _meminfo("MemAvailable") or None
     try:
-        cg = cgroup
-        limit = (cg / "memory.max").read_text().strip()
+        limit = (cgroup / "memory.max").read_text().strip()
         if limit != "max":
-            used = int((cg / "memory.current").read_text())
-            stat = dict(line.split() for line in (cg / "memory.stat").read_text().splitlines()
+            used = int((cgroup / "memory.current").read_text())
+            stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines()
                         if line.count(" ") == 1)
             used -= int(stat.get("inactive_file", 0))
             left = max(int(limit) - used, 0)

@@ -190,7 +190,7 @@ def _train_group(jobs: Sequence[TrainJob]) -> list[Outcome]:
             generators=[c.generator for c in ready], device=device,
             perturb=_adversarial(cfg, [c.pid for c in ready], r),
         )
-    except Exception as exc:  # noqa: BLE001 - what vmap cannot run, the ClientApp can
+    except Exception as exc:  # what vmap cannot run, the ClientApp can
         # e.g. a random operation or a data-dependent branch in the model's forward pass,
         # which vmap refuses and unsupported_features cannot see; a client whose own data
         # is at fault gets the ClientApp's error from it
